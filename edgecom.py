@@ -1,0 +1,720 @@
+"""EdgeCom time-series service: configuration, wiring and lifecycle of the gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from repository import (
+    AGGREGATIONS,
+    Cancellation,
+    DatabaseUnavailable,
+    EmbeddedPostgres,
+    QueryCancelled,
+    Repository,
+)
+
+HERE = Path(__file__).resolve().parent
+VERSION = "0.1.0"
+SERVICE_NAME = "edgecom.TimeSeriesService"
+MAX_WINDOW_S = 366 * 86400
+# How often the health watch re-checks the database once it is up.
+HEALTH_CHECK_INTERVAL_S = 5.0
+
+# The .proto stays the single source of truth: it is compiled at import time, never checked in.
+sys.path.insert(0, str(HERE / "proto"))
+protos, services = grpc.protos_and_services("edgecom.proto")
+
+log = logging.getLogger("edgecom")
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or malformed; the message names the key."""
+
+
+def _duration(seconds: float) -> Any:
+    return field(default=seconds, metadata={"duration": True})
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    max_workers: int = 16
+    grace_period: float = _duration(10.0)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 9090
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "https://api.edgecomenergy.net/core/asset/{asset_id}/series"
+    assets: tuple[str, ...] = ("3662953a-1396-4996-a1b6-99a0c5e7a5de",)
+    timeout: float = _duration(30.0)
+    poll_interval: float = _duration(300.0)
+    bootstrap: float = _duration(730 * 86400.0)
+    chunk: float = _duration(7 * 86400.0)
+    concurrency: int = 4
+    overlap: float = _duration(3600.0)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = ""
+    host: str = ""
+    port: int = 5432
+    name: str = "edgecom"
+    user: str = "edgecom"
+    password: str = ""
+    ssl_mode: str = "prefer"
+    max_connections: int = 10
+    connection_timeout: float = _duration(5.0)
+    data_dir: str = ".edgecom/pgdata"
+
+    @property
+    def embedded(self) -> bool:
+        """True when no server is configured and the service runs its own PostgreSQL."""
+        return not self.url and not self.host
+
+    def dsn(self) -> str:
+        """The libpq connection string for a configured server (url wins over the keys)."""
+        if self.url:
+            return self.url
+        return _conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=self.name,
+            user=self.user,
+            password=self.password,
+            sslmode=self.ssl_mode,
+        )
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    max_points: int = 100000
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    size: int = 1000
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    rps: float = 5.0
+    burst: int = 10
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _conninfo(**params: object) -> str:
+    def quote(value: object) -> str:
+        text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+        return f"'{text}'"
+
+    return " ".join(f"{key}={quote(value)}" for key, value in params.items() if value != "")
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """Parse `300ms`, `30s`, `5m`, `1h`, `730d` or a plain number of seconds into seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if not match:
+            raise ValueError(
+                f"expected a duration such as 300ms, 30s, 5m, 1h or 730d, got {value!r}"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"a duration must be a finite number >= 0, got {value!r}")
+    return seconds
+
+
+def _convert(value: object, f: dataclasses.Field, *, from_env: bool) -> object:
+    kind = f.type
+    if f.metadata.get("duration"):
+        return parse_duration(value)
+    if kind == "tuple[str, ...]":
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    if kind == "int":
+        if from_env and isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if kind == "float":
+        if from_env and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"expected a number, got {value!r}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"expected a string, got {value!r}")
+    raise AssertionError(f"unhandled config type {kind}")
+
+
+def _build(cls: type, raw: object, env: Mapping[str, str], path: str) -> Any:
+    """Build dataclass `cls` from a YAML mapping, then apply EDGECOM_<PATH>_<KEY> overrides."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{path}.{unknown[0]}: unknown key (known keys in {path}: {', '.join(fields)})"
+        )
+    values: dict[str, object] = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}"
+        env_name = "EDGECOM_" + key.upper().replace(".", "_")
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            values[name] = _build(f.default_factory, raw.get(name), env, key)
+            continue
+        try:
+            if env_name in env:
+                values[name] = _convert(env[env_name], f, from_env=True)
+            elif name in raw:
+                values[name] = _convert(raw[name], f, from_env=False)
+        except ValueError as exc:
+            source = env_name if env_name in env else key
+            raise ConfigError(f"{source}: {exc}") from None
+    return cls(**values)
+
+
+def _from_go_layout(raw: dict) -> dict:
+    """Accept a config.yaml written for the Go service: its server.url is our upstream.url."""
+    server = raw.get("server")
+    if isinstance(server, dict) and "url" in server:
+        server = dict(server)
+        upstream = dict(raw.get("upstream") or {})
+        upstream.setdefault("url", server.pop("url"))
+        raw = {**raw, "server": server, "upstream": upstream}
+    return raw
+
+
+def _validate(config: Config) -> None:
+    template = config.upstream.url
+    if "{asset_id}" not in template or not re.match(r"^https?://[^/\s]+", template):
+        raise ConfigError(
+            f"upstream.url: expected an http(s) URL containing {{asset_id}}, got {template!r}"
+        )
+    if not config.upstream.assets:
+        raise ConfigError("upstream.assets: configure at least one asset id")
+    for key, value in (
+        ("server.port", config.server.port),
+        ("metrics.port", config.metrics.port),
+        ("database.port", config.database.port),
+    ):
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{key}: expected a port number 0-65535, got {value}")
+    positive = {
+        "server.max_workers": config.server.max_workers,
+        "upstream.concurrency": config.upstream.concurrency,
+        "upstream.chunk": config.upstream.chunk,
+        "upstream.poll_interval": config.upstream.poll_interval,
+        "database.max_connections": config.database.max_connections,
+        "query.max_points": config.query.max_points,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    for key, value in (
+        ("cache.size", config.cache.size),
+        ("rate_limit.rps", config.rate_limit.rps),
+    ):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+    if config.logging.level.upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(f"logging.level: unknown level {config.logging.level!r}")
+    if config.logging.format not in ("auto", "text", "json"):
+        raise ConfigError(
+            f"logging.format: expected auto, text or json, got {config.logging.format!r}"
+        )
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read config.yaml (or `path`), apply EDGECOM_* overrides from `env` and validate.
+
+    Raises ConfigError with one line that names the key and the problem.
+    """
+    env = os.environ if env is None else env
+    path = Path(path) if path else HERE / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections")
+    raw = _from_go_layout(raw)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(fields)})")
+    sections = {
+        name: _build(f.default_factory, raw.get(name), env, name) for name, f in fields.items()
+    }
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+# --- queries -------------------------------------------------------------------------------
+
+
+_WINDOW_RE = re.compile(r"^([1-9]\d*)([mhd])$")
+_WINDOW_UNITS = {"m": 60, "h": 3600, "d": 86400}
+ACCEPTED_WINDOWS = '"1m", "5m", "15m", "1h", "1d" or any "<N>m", "<N>h", "<N>d" up to 366d'
+
+
+class InvalidRequest(ValueError):
+    """The client sent something the service cannot answer; the message says what to change."""
+
+
+class UnknownAsset(LookupError):
+    """The requested asset is not one the service keeps."""
+
+
+class TooManyPoints(Exception):
+    """The answer would exceed query.max_points."""
+
+
+def parse_window(window: str) -> int:
+    """Return the length of a window such as `5m`, `1h` or `1d` in seconds."""
+    match = _WINDOW_RE.match(window.strip().lower())
+    seconds = int(match.group(1)) * _WINDOW_UNITS[match.group(2)] if match else 0
+    if not match or seconds > MAX_WINDOW_S:
+        raise InvalidRequest(f"unknown window {window!r}: use {ACCEPTED_WINDOWS}")
+    return seconds
+
+
+def parse_aggregation(aggregation: str) -> str:
+    """Return the canonical (upper-case) aggregation name."""
+    name = aggregation.strip().upper()
+    if name not in AGGREGATIONS:
+        raise InvalidRequest(
+            f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}"
+        )
+    return name
+
+
+def _ceil_seconds(timestamp: Any) -> int:
+    # Points sit on whole seconds, so [start, end) holds the same points as
+    # [ceil(start), ceil(end)) and the query can work in integers.
+    return timestamp.seconds + (1 if timestamp.nanos > 0 else 0)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated, normalized QueryTimeSeries request."""
+
+    asset_id: str
+    start_s: int
+    end_s: int
+    window_s: int
+    aggregation: str
+
+
+def parse_query(request: Any, assets: Sequence[str]) -> Query:
+    """Validate a TimeSeriesRequest against the configured assets; raises InvalidRequest."""
+    missing = [name for name in ("start", "end") if not request.HasField(name)]
+    if missing:
+        raise InvalidRequest(f"{' and '.join(missing)} required: set start and end timestamps")
+    start_s, end_s = _ceil_seconds(request.start), _ceil_seconds(request.end)
+    if (request.start.seconds, request.start.nanos) >= (request.end.seconds, request.end.nanos):
+        raise InvalidRequest(
+            f"start ({request.start.ToJsonString()}) must be before end "
+            f"({request.end.ToJsonString()})"
+        )
+    window_s = parse_window(request.window)
+    aggregation = parse_aggregation(request.aggregation)
+    asset_id = request.asset_id or assets[0]
+    if asset_id not in assets:
+        raise UnknownAsset(f"asset {asset_id!r} is not configured (known: {', '.join(assets)})")
+    return Query(asset_id, start_s, end_s, window_s, aggregation)
+
+
+class TimeSeriesServicer(services.TimeSeriesServiceServicer):
+    """Answers TimeSeriesService calls from the repository."""
+
+    def __init__(self, *, repository: Repository, assets: Sequence[str], max_points: int) -> None:
+        self._repository = repository
+        self._assets = tuple(assets)
+        self._max_points = max_points
+
+    def QueryTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with _status_on_error(context):
+            query = parse_query(request, self._assets)
+            rows = self._run(query, context)
+            response = protos.TimeSeriesResponse()
+            data = response.data
+            for bucket, value in rows:
+                point = data.add()
+                # Setting seconds directly is ~5x faster than Timestamp.FromDatetime.
+                point.time.seconds = bucket
+                point.value = value
+            return response
+
+    def _run(self, query: Query, context: grpc.ServicerContext) -> list[tuple[int, float]]:
+        cancellation = Cancellation()
+        context.add_callback(cancellation.cancel)
+        remaining = context.time_remaining()
+        rows = self._repository.query_buckets(
+            asset_id=query.asset_id,
+            start_s=query.start_s,
+            end_s=query.end_s,
+            window_s=query.window_s,
+            aggregation=query.aggregation,
+            limit=self._max_points + 1,
+            timeout_s=remaining if remaining is not None and remaining < 1e8 else None,
+            cancellation=cancellation,
+        )
+        if len(rows) > self._max_points:
+            raise TooManyPoints(
+                f"the answer has more than {self._max_points} points: "
+                "widen the window or shorten the range"
+            )
+        return rows
+
+
+# One table maps every failure to the status a client sees; nothing a client sent is INTERNAL.
+_STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownAsset, grpc.StatusCode.NOT_FOUND),
+    (TooManyPoints, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DatabaseUnavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+@contextmanager
+def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turn service exceptions into a gRPC status carrying their message."""
+    try:
+        yield
+    except QueryCancelled:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+    except tuple(error for error, _ in _STATUS_BY_ERROR) as exc:
+        code = next(code for error, code in _STATUS_BY_ERROR if isinstance(exc, error))
+        context.abort(code, str(exc))
+
+
+# --- server --------------------------------------------------------------------------------
+
+
+def create_server(
+    *,
+    address: str,
+    servicer: TimeSeriesServicer,
+    health_servicer: health.HealthServicer,
+    max_workers: int = 16,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
+    """Build a gRPC server bound to `address`, not yet started; returns it and its port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=tuple(interceptors),
+    )
+    services.add_TimeSeriesServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (
+        protos.DESCRIPTOR.services_by_name["TimeSeriesService"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(service_names, server)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: the address is in use or not available")
+    return server, port
+
+
+class HealthWatch:
+    """Migrates the database once it answers, then keeps the health status in line with it."""
+
+    def __init__(
+        self,
+        *,
+        repository: Repository,
+        health_servicer: health.HealthServicer,
+        interval_s: float = HEALTH_CHECK_INTERVAL_S,
+    ) -> None:
+        self._repository = repository
+        self._health = health_servicer
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-watch", daemon=True)
+        self._set(serving=False)
+
+    def start(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until the database is migrated and reachable; returns whether it is."""
+        return self._ready.wait(timeout_s)
+
+    def close(self) -> None:
+        """Stop the watch thread; safe to call twice."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _set(self, *, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, status)
+
+    def _run(self) -> None:
+        migrated = False
+        while not self._stop.is_set():
+            try:
+                if not migrated:
+                    applied = self._repository.migrate()
+                    migrated = True
+                    log.info("database ready", extra={"migrations_applied": applied})
+                else:
+                    self._repository.ping()
+                if not self._ready.is_set():
+                    self._ready.set()
+                    self._set(serving=True)
+            except DatabaseUnavailable as exc:
+                if self._ready.is_set() or not migrated:
+                    log.warning("database unavailable", extra={"error": str(exc)})
+                self._ready.clear()
+                self._set(serving=False)
+            except Exception:
+                log.exception("health check failed")
+                self._set(serving=False)
+            self._stop.wait(self._interval_s)
+
+
+# --- logging -------------------------------------------------------------------------------
+
+_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, object]:
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_extras(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable single lines with `key=value` extras, for terminals."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        return f"{line} {extras}" if extras else line
+
+
+def setup_logging(config: LoggingConfig, stream: Any = None) -> None:
+    """Send log records to stderr as text on a terminal and as JSON lines otherwise."""
+    stream = stream or sys.stderr
+    use_json = config.format == "json" or (config.format == "auto" and not stream.isatty())
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.level.upper())
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="edgecom.py",
+        description="Serve EdgeCom asset time series over gRPC (QueryTimeSeries).",
+        epilog="Every config key can be overridden by EDGECOM_<SECTION>_<KEY>, "
+        "e.g. EDGECOM_DATABASE_URL or EDGECOM_SERVER_PORT.",
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("EDGECOM_CONFIG") or None,
+        metavar="PATH",
+        help="configuration file (default: $EDGECOM_CONFIG or config.yaml beside edgecom.py)",
+    )
+    return parser.parse_args(argv)
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handle(signum: int, _frame: object) -> None:
+        log.info("shutdown requested", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def run(
+    config: Config, stop: threading.Event, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Run the service until `stop` is set, then shut it down in order. Blocks."""
+    with ExitStack() as stack:
+        if config.database.embedded:
+            embedded = stack.enter_context(EmbeddedPostgres(data_dir=config.database.data_dir))
+            dsn = embedded.dsn
+        else:
+            dsn = config.database.dsn()
+        repository = stack.enter_context(
+            Repository(
+                dsn=dsn,
+                max_connections=config.database.max_connections,
+                connect_timeout_s=config.database.connection_timeout,
+            )
+        )
+        health_servicer = health.HealthServicer()
+        watch = stack.enter_context(
+            closing(HealthWatch(repository=repository, health_servicer=health_servicer))
+        )
+        servicer = TimeSeriesServicer(
+            repository=repository,
+            assets=config.upstream.assets,
+            max_points=config.query.max_points,
+        )
+        server, port = create_server(
+            address=f"{config.server.host}:{config.server.port}",
+            servicer=servicer,
+            health_servicer=health_servicer,
+            max_workers=config.server.max_workers,
+        )
+        server.start()
+        watch.start()
+        log.info(
+            "serving",
+            extra={"address": f"{config.server.host}:{port}", "version": VERSION},
+        )
+        if on_ready:
+            on_ready(port)
+        stop.wait()
+        # Probes see NOT_SERVING first, so load balancers stop sending before the port closes.
+        health_servicer.enter_graceful_shutdown()
+        server.stop(config.server.grace_period).wait()
+        log.info("server stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse flags, load config, serve until SIGINT/SIGTERM. Returns the exit code."""
+    args = _parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edgecom: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        run(config, stop)
+    except (OSError, DatabaseUnavailable) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

