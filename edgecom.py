@@ -326,6 +326,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     sections = {
         name: _build(f.default_factory, raw.get(name), env, name) for name, f in fields.items()
     }
+    # The Go service spelled the placeholder {asset-id}.
+    url = sections["upstream"].url.replace("{asset-id}", "{asset_id}")
+    sections["upstream"] = dataclasses.replace(sections["upstream"], url=url)
     config = Config(**sections)
     _validate(config)
     return config

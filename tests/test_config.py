@@ -1,0 +1,146 @@
+"""Configuration loading: defaults, environment overrides, Go-service configs and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+import edgecom
+from edgecom import ConfigError, load_config, parse_duration
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_config_yaml_matches_the_defaults():
+    assert load_config(ROOT / "config.yaml", env={}) == edgecom.Config()
+
+
+def test_defaults_when_sections_are_missing(tmp_path):
+    config = load_config(write(tmp_path, "server: {port: 6000}\n"), env={})
+    assert config.server.port == 6000
+    assert config.server.grace_period == 10.0
+    assert config.upstream.bootstrap == 730 * 86400
+    assert config.database.embedded
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("300ms", 0.3),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("730d", 730 * 86400),
+        (42, 42),
+        ("42", 42),
+        ("1.5s", 1.5),
+    ],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_environment_overrides_every_kind_of_key(tmp_path):
+    env = {
+        "EDGECOM_DATABASE_URL": "postgresql://u@db/x",
+        "EDGECOM_SERVER_PORT": "6001",
+        "EDGECOM_SERVER_GRACE_PERIOD": "3s",
+        "EDGECOM_UPSTREAM_ASSETS": "a, b,c",
+        "EDGECOM_RATE_LIMIT_RPS": "2.5",
+        "EDGECOM_SERVER_TLS_CERT_FILE": "/certs/tls.crt",
+    }
+    config = load_config(ROOT / "config.yaml", env=env)
+    assert config.database.url == "postgresql://u@db/x"
+    assert not config.database.embedded
+    assert config.server.port == 6001
+    assert config.server.grace_period == 3
+    assert config.upstream.assets == ("a", "b", "c")
+    assert config.rate_limit.rps == 2.5
+    assert config.server.tls.cert_file == "/certs/tls.crt"
+
+
+def test_go_service_config_still_works(tmp_path):
+    path = write(
+        tmp_path,
+        """
+server:
+  url: "https://api.edgecomenergy.net/core/asset/{asset-id}/series"
+database:
+  host: db.internal
+  port: 5433
+  name: energy
+  user: svc
+  password: "s3cr'et"
+  ssl_mode: require
+  max_connections: 20
+  connection_timeout: 10s
+""",
+    )
+    config = load_config(path, env={})
+    assert config.upstream.url == "https://api.edgecomenergy.net/core/asset/{asset_id}/series"
+    assert config.database.max_connections == 20
+    assert config.database.connection_timeout == 10
+    dsn = config.database.dsn()
+    assert "host='db.internal'" in dsn and "port='5433'" in dsn and "sslmode='require'" in dsn
+    assert "password='s3cr\\'et'" in dsn
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("server: {prot: 1}\n", {}, "server.prot: unknown key"),
+        ("sever: {}\n", {}, "sever: unknown section"),
+        ("server: {port: eighty}\n", {}, "server.port: expected a whole number"),
+        ("upstream: {timeout: soon}\n", {}, "upstream.timeout: expected a duration"),
+        ("upstream: {url: 'https://x/series'}\n", {}, "upstream.url: expected an http(s) URL"),
+        ("upstream: {url: 'ftp://x/{asset_id}'}\n", {}, "upstream.url"),
+        ("", {"EDGECOM_SERVER_PORT": "x"}, "EDGECOM_SERVER_PORT: expected a whole number"),
+        ("upstream: {assets: []}\n", {}, "upstream.assets"),
+        ("logging: {format: xml}\n", {}, "logging.format"),
+        ("server: [1, 2]\n", {}, "server: expected a mapping"),
+        ("server: {port: 1\n", {}, "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, env, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env)
+    assert expected in str(info.value)
+
+
+def test_bad_config_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
+    path = write(tmp_path, "upstream: {timeout: soon}\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "edgecom.py"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "upstream.timeout" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_help_documents_the_flags():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "edgecom.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert "--config" in result.stdout and "EDGECOM_" in result.stdout

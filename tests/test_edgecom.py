@@ -1,0 +1,268 @@
+"""The gRPC service end to end: real server on loopback, real stubs, real grpcurl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+import psycopg
+import pytest
+from conftest import ASSET, OTHER_ASSET, ROOT, RunningService, wait_for
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_repository import DAY, T0, assert_same, reference, series
+
+import edgecom
+from repository import Repository
+
+TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
+
+
+def ts(seconds: int, nanos: int = 0) -> Timestamp:
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+def request(start_s, end_s, window="1h", aggregation="AVG", asset_id="", **kw):
+    return TimeSeriesRequest(
+        start=ts(start_s),
+        end=ts(end_s),
+        window=window,
+        aggregation=aggregation,
+        asset_id=asset_id,
+        **kw,
+    )
+
+
+def points_of(response):
+    return [(p.time.seconds, p.value) for p in response.data]
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+@pytest.mark.parametrize("window", ["1m", "5m", "15m", "1h", "1d"])
+@pytest.mark.parametrize("aggregation", ["MIN", "MAX", "AVG", "SUM"])
+def test_query_matches_the_reference(service, window, aggregation):
+    points = [*series(T0 - DAY, 3 * 96), (T0 + 30, 5.5), (T0 + 60, -2.0)]
+    service.repository.upsert_points(ASSET, points)
+    window_s = edgecom.parse_window(window)
+    response = service.stub.QueryTimeSeries(
+        request(T0 - DAY, T0 + DAY, window, aggregation.lower())
+    )
+    assert_same(points_of(response), reference(points, T0 - DAY, T0 + DAY, window_s, aggregation))
+
+
+def test_empty_asset_id_means_the_first_configured_asset(service):
+    service.repository.upsert_points(ASSET, [(T0, 1.0)])
+    service.repository.upsert_points(OTHER_ASSET, [(T0, 2.0)])
+    assert points_of(service.stub.QueryTimeSeries(request(T0, T0 + 900))) == [(T0, 1.0)]
+    other = service.stub.QueryTimeSeries(request(T0, T0 + 900, asset_id=OTHER_ASSET))
+    assert points_of(other) == [(T0, 2.0)]
+
+
+def test_equivalent_windows_agree(service):
+    service.repository.upsert_points(ASSET, series(T0, 96))
+    hourly = service.stub.QueryTimeSeries(request(T0, T0 + DAY, "1h", "sum"))
+    minutes = service.stub.QueryTimeSeries(request(T0, T0 + DAY, "60m", "SUM"))
+    assert points_of(hourly) == points_of(minutes) and len(hourly.data) == 24
+
+
+def test_fractional_timestamps_keep_the_half_open_range(service):
+    service.repository.upsert_points(ASSET, [(T0, 1.0), (T0 + 900, 2.0)])
+    # start just after T0 excludes it; end just after T0+900 includes it.
+    req = TimeSeriesRequest(start=ts(T0, 1), end=ts(T0 + 900, 1), window="1h", aggregation="SUM")
+    assert points_of(service.stub.QueryTimeSeries(req)) == [(T0, 2.0)]
+
+
+def test_empty_store_returns_empty_data(service):
+    response = service.stub.QueryTimeSeries(request(T0, T0 + DAY))
+    assert list(response.data) == []
+
+
+@pytest.mark.parametrize(
+    ("req", "code", "hint"),
+    [
+        (
+            TimeSeriesRequest(end=ts(T0), window="1h", aggregation="AVG"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start",
+        ),
+        (
+            TimeSeriesRequest(start=ts(T0), window="1h", aggregation="AVG"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "end",
+        ),
+        (request(T0, T0), grpc.StatusCode.INVALID_ARGUMENT, "before end"),
+        (request(T0 + 10, T0), grpc.StatusCode.INVALID_ARGUMENT, "before end"),
+        (request(T0, T0 + DAY, window="2w"), grpc.StatusCode.INVALID_ARGUMENT, '"1m", "5m"'),
+        (request(T0, T0 + DAY, window="0m"), grpc.StatusCode.INVALID_ARGUMENT, "window"),
+        (request(T0, T0 + DAY, window="367d"), grpc.StatusCode.INVALID_ARGUMENT, "366d"),
+        (request(T0, T0 + DAY, window=""), grpc.StatusCode.INVALID_ARGUMENT, "window"),
+        (
+            request(T0, T0 + DAY, aggregation="MEDIAN"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MIN, MAX, AVG, SUM",
+        ),
+        (request(T0, T0 + DAY, asset_id="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+    ],
+)
+def test_errors_have_status_codes_and_say_what_to_fix(service, req, code, hint):
+    got, details = status_of(lambda: service.stub.QueryTimeSeries(req))
+    assert got == code
+    assert hint in details
+
+
+def test_too_many_points_is_resource_exhausted(repository):
+    running = RunningService(repository, assets=(ASSET,), max_points=10)
+    try:
+        repository.upsert_points(ASSET, series(T0, 96))
+        code, details = status_of(
+            lambda: running.stub.QueryTimeSeries(request(T0, T0 + DAY, "15m"))
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "widen the window or shorten the range" in details
+        # Exactly at the cap is fine.
+        assert len(running.stub.QueryTimeSeries(request(T0, T0 + 10 * 900, "15m")).data) == 10
+    finally:
+        running.close()
+
+
+def test_database_down_is_unavailable_and_health_not_serving():
+    repo = Repository(dsn="postgresql://nobody@127.0.0.1:1/none", connect_timeout_s=1).open()
+    health_servicer = edgecom.health.HealthServicer()
+    servicer = edgecom.TimeSeriesServicer(repository=repo, assets=(ASSET,), max_points=10)
+    server, port = edgecom.create_server(
+        address="127.0.0.1:0", servicer=servicer, health_servicer=health_servicer
+    )
+    watch = edgecom.HealthWatch(repository=repo, health_servicer=health_servicer, interval_s=0.2)
+    server.start()
+    watch.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = edgecom.services.TimeSeriesServiceStub(channel)
+            code, details = status_of(lambda: stub.QueryTimeSeries(request(T0, T0 + DAY)))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert "database" in details
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", "edgecom.TimeSeriesService"):
+                status = health_stub.Check(health_pb2.HealthCheckRequest(service=name)).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        server.stop(0).wait()
+        watch.close()
+        repo.close()
+
+
+def test_health_is_serving_once_migrated(service):
+    health_stub = health_pb2_grpc.HealthStub(service.channel)
+    for name in ("", "edgecom.TimeSeriesService"):
+        status = health_stub.Check(health_pb2.HealthCheckRequest(service=name)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_deadline_cancels_the_database_query(service, dsn):
+    service.repository.upsert_points(ASSET, series(T0, 10))
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE points IN ACCESS EXCLUSIVE MODE")
+        code, _ = status_of(
+            lambda: service.stub.QueryTimeSeries(request(T0, T0 + DAY), timeout=0.5)
+        )
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def running_queries() -> int:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                return conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state = 'active' AND query LIKE %s",
+                    ("%date_bin%",),
+                ).fetchone()[0]
+
+        assert wait_for(lambda: running_queries() == 0, timeout_s=5)
+
+
+def test_grpcurl_list_describe_and_query(service, grpcurl):
+    service.repository.upsert_points(ASSET, series(T0, 8))
+
+    def run(*args: str) -> str:
+        result = subprocess.run(
+            [grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    listed = run(service.address, "list").split()
+    assert "edgecom.TimeSeriesService" in listed and "grpc.health.v1.Health" in listed
+    described = run(service.address, "describe", "edgecom.TimeSeriesService")
+    assert "rpc QueryTimeSeries ( .edgecom.TimeSeriesRequest )" in described
+    body = json.dumps(
+        {
+            "start": "2023-11-15T00:00:00Z",
+            "end": "2023-11-15T02:00:00Z",
+            "window": "1h",
+            "aggregation": "max",
+        }
+    )
+    answer = json.loads(
+        run("-d", body, service.address, "edgecom.TimeSeriesService/QueryTimeSeries")
+    )
+    expected = reference(series(T0, 8), T0, T0 + 7200, 3600, "MAX")
+    assert [(p["time"], p["value"]) for p in answer["data"]] == [
+        ("2023-11-15T00:00:00Z", expected[0][1]),
+        ("2023-11-15T01:00:00Z", expected[1][1]),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_process_serves_and_stops_gracefully_on_sigterm(dsn, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "EDGECOM_DATABASE_URL": dsn,
+        "EDGECOM_SERVER_HOST": "127.0.0.1",
+        "EDGECOM_SERVER_PORT": str(port),
+        "EDGECOM_METRICS_PORT": "0",
+        "EDGECOM_LOGGING_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "edgecom.py")],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                try:
+                    reply = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                except grpc.RpcError:
+                    return False
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            assert wait_for(serving, timeout_s=60)
+            stub = edgecom.services.TimeSeriesServiceStub(channel)
+            assert list(stub.QueryTimeSeries(request(T0, T0 + DAY)).data) == []
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    events = [json.loads(line)["message"] for line in stderr.splitlines() if line.startswith("{")]
+    assert "serving" in events and events[-1] == "stopped"
+    assert not (tmp_path / ".edgecom").exists(), "with a database URL, nothing embedded starts"
