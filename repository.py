@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from pathlib import Path
 import psycopg
 import psycopg_pool
 from psycopg import sql
+from psycopg.types.range import Range
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 AGGREGATIONS = ("MIN", "MAX", "AVG", "SUM")
 # Any constant works as long as every replica uses the same one.
 _MIGRATION_LOCK_KEY = 0x65646765636F6D  # "edgecom"
+_ASSET_LOCK_PREFIX = "edgecom.asset:"
 
 _BUCKET_QUERY = """
 SELECT extract(epoch FROM date_bin(%(window)s, time, TIMESTAMPTZ 'epoch'))::bigint AS bucket,
@@ -44,6 +47,43 @@ SELECT count(*), extract(epoch FROM min(time))::bigint, extract(epoch FROM max(t
 FROM changed
 """
 
+_MARK_COVERED = """
+INSERT INTO assets (asset_id, covered) VALUES (%(asset_id)s, tstzmultirange(%(range)s))
+ON CONFLICT (asset_id) DO UPDATE SET covered = assets.covered + EXCLUDED.covered
+"""
+
+_UNCOVERED = """
+SELECT extract(epoch FROM lower(gap))::bigint, extract(epoch FROM upper(gap))::bigint
+FROM unnest(
+    tstzmultirange(%(range)s)
+    - coalesce((SELECT covered FROM assets WHERE asset_id = %(asset_id)s), '{}')
+) AS gap
+ORDER BY lower(gap)
+"""
+
+_ASSET_STATUS = """
+WITH wanted AS (SELECT unnest(%(asset_ids)s::text[]) AS asset_id),
+window_range AS (SELECT tstzrange(%(start)s, %(end)s) AS r)
+SELECT w.asset_id,
+       extract(epoch FROM stats.first)::bigint,
+       extract(epoch FROM stats.last)::bigint,
+       coalesce(stats.count, 0),
+       coalesce(
+           (SELECT sum(extract(epoch FROM upper(c) - lower(c)))
+            FROM unnest(a.covered * tstzmultirange((SELECT r FROM window_range))) AS c), 0)
+       / extract(epoch FROM %(end)s::timestamptz - %(start)s::timestamptz),
+       extract(epoch FROM a.last_success)::bigint,
+       a.last_error
+FROM wanted w
+LEFT JOIN assets a USING (asset_id)
+LEFT JOIN LATERAL (
+    SELECT min(time) AS first, max(time) AS last, count(*) AS count
+    FROM points p WHERE p.asset_id = w.asset_id
+) stats ON TRUE
+"""
+
+NOTIFY_CHANNEL = "edgecom_points"
+
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
@@ -51,6 +91,19 @@ class DatabaseUnavailable(Exception):
 
 class QueryCancelled(Exception):
     """The query was cancelled: by the caller, or because its time ran out."""
+
+
+@dataclass(frozen=True)
+class AssetStatus:
+    """What is stored for one asset and how its ingestion is doing."""
+
+    asset_id: str
+    first_s: int | None
+    last_s: int | None
+    points: int
+    coverage: float
+    last_success_s: int | None
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -104,6 +157,10 @@ def _unavailable_on_failure(doing: str) -> Iterator[None]:
 
 def _to_datetime(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
+
+
+def _tstzrange(start_s: int, end_s: int) -> Range:
+    return Range(_to_datetime(start_s), _to_datetime(end_s), "[)")
 
 
 class Repository:
@@ -181,14 +238,23 @@ class Repository:
                 log.info("applied migration", extra={"migration": path.name})
         return applied
 
-    def upsert_points(self, asset_id: str, points: Iterable[tuple[int, float]]) -> UpsertResult:
+    def upsert_points(
+        self,
+        asset_id: str,
+        points: Iterable[tuple[int, float]],
+        *,
+        covered: tuple[int, int] | None = None,
+    ) -> UpsertResult:
         """Insert points, replacing the value of those that exist with a different one.
 
         Idempotent: writing the same points twice changes nothing the second time. Duplicate
-        times in `points` keep the last value. Blocks until committed.
+        times in `points` keep the last value. `covered`, a [start_s, end_s) range, is marked
+        as fetched in the same transaction, so coverage never runs ahead of the data. When
+        anything changed, listeners on NOTIFY_CHANNEL hear of it after the commit. Blocks
+        until committed.
         """
         latest = dict(points)
-        if not latest:
+        if not latest and covered is None:
             return UpsertResult(0)
         with (
             _unavailable_on_failure("writing"),
@@ -203,7 +269,61 @@ class Repository:
                 for seconds, value in latest.items():
                     copy.write_row((_to_datetime(seconds), value))
             count, first_s, last_s = conn.execute(_UPSERT, {"asset_id": asset_id}).fetchone()
+            if count:
+                change = json.dumps({"asset_id": asset_id, "first_s": first_s, "last_s": last_s})
+                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, change))
+            if covered is not None:
+                params = {"asset_id": asset_id, "range": _tstzrange(*covered)}
+                conn.execute(_MARK_COVERED, params)
         return UpsertResult(count, first_s, last_s)
+
+    def uncovered(self, asset_id: str, start_s: int, end_s: int) -> list[tuple[int, int]]:
+        """Return the parts of [start_s, end_s) not yet fetched for the asset, oldest first."""
+        params = {"asset_id": asset_id, "range": _tstzrange(start_s, end_s)}
+        with _unavailable_on_failure("reading coverage"), self._pool.connection() as conn:
+            return conn.execute(_UNCOVERED, params).fetchall()
+
+    def record_attempt(self, asset_id: str, *, error: str | None) -> None:
+        """Record the outcome of an ingestion run: a success when `error` is None."""
+        with _unavailable_on_failure("recording a fetch"), self._pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO assets AS a (asset_id, last_attempt, last_success, last_error)"
+                " VALUES (%(asset_id)s, now(), CASE WHEN %(error)s::text IS NULL THEN now() END,"
+                " %(error)s)"
+                " ON CONFLICT (asset_id) DO UPDATE SET last_attempt = now(),"
+                " last_success = coalesce(EXCLUDED.last_success, a.last_success),"
+                " last_error = EXCLUDED.last_error",
+                {"asset_id": asset_id, "error": error},
+            )
+
+    def asset_status(
+        self, asset_ids: Sequence[str], *, start_s: int, end_s: int
+    ) -> list[AssetStatus]:
+        """Stored range, point count, covered share of [start_s, end_s) and last outcome."""
+        params = {
+            "asset_ids": list(asset_ids),
+            "start": _to_datetime(start_s),
+            "end": _to_datetime(end_s),
+        }
+        with _unavailable_on_failure("reading asset status"), self._pool.connection() as conn:
+            rows = conn.execute(_ASSET_STATUS, params).fetchall()
+        return [AssetStatus(*row[:4], min(1.0, float(row[4])), *row[5:]) for row in rows]
+
+    @contextmanager
+    def asset_lock(self, asset_id: str) -> Iterator[bool]:
+        """Try to take the asset's ingestion lock; yields whether this process holds it.
+
+        A session-level advisory lock on a connection held for the duration, so replicas
+        sharing the database never work on the same asset at the same time. Never blocks.
+        """
+        with _unavailable_on_failure("locking an asset"), self._pool.connection() as conn:
+            key = (_ASSET_LOCK_PREFIX + asset_id,)
+            acquired = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", key).fetchone()[0]
+            try:
+                yield acquired
+            finally:
+                if acquired:
+                    conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", key)
 
     def query_buckets(
         self,

@@ -1,0 +1,303 @@
+"""Ingestion on a schedule: fetch every part of each asset's series that is not stored yet."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import schedule
+from api_client import UpstreamError
+
+log = logging.getLogger(__name__)
+
+STEP_S = 900  # the upstream's resolution: one point every 15 minutes
+# A run for one asset gives up after this many chunks in a row fail: the upstream is
+# probably down, and the next run tries again from where this one stopped.
+MAX_CONSECUTIVE_FAILURES = 3
+PROGRESS_INTERVAL_S = 5.0
+JOIN_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where one asset's run stands: chunks done of total, points stored, rate and ETA."""
+
+    asset_id: str
+    chunks_done: int
+    chunks_total: int
+    points: int
+    elapsed_s: float
+
+    @property
+    def rate(self) -> float:
+        """Points stored per second so far."""
+        return self.points / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def describe(self) -> str:
+        """One human-readable line, for a terminal."""
+        eta = f"{self.eta_s:.0f}s" if self.eta_s is not None else "?"
+        return (
+            f"{self.asset_id}: {self.chunks_done}/{self.chunks_total} chunks, "
+            f"{self.points} points, {self.rate:.0f} points/s, ETA {eta}"
+        )
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until the run is expected to finish, or None before the first chunk."""
+        if not self.chunks_done:
+            return None
+        per_chunk = self.elapsed_s / self.chunks_done
+        return per_chunk * (self.chunks_total - self.chunks_done)
+
+
+class IngestObserver(Protocol):
+    """Receives what ingestion does; the wiring turns it into metrics and progress output."""
+
+    def chunk_stored(self, asset_id: str, points: int, skipped: int) -> None: ...
+
+    def asset_synced(self, asset_id: str, *, ok: bool, coverage: float | None) -> None: ...
+
+    def progress(self, progress: Progress) -> None: ...
+
+
+class _QuietObserver:
+    def chunk_stored(self, asset_id: str, points: int, skipped: int) -> None:
+        pass
+
+    def asset_synced(self, asset_id: str, *, ok: bool, coverage: float | None) -> None:
+        pass
+
+    def progress(self, progress: Progress) -> None:
+        pass
+
+
+def plan_chunks(gaps: Sequence[tuple[int, int]], *, chunk_s: int) -> list[tuple[int, int]]:
+    """Split [start, end) gaps into ranges of at most chunk_s, newest first."""
+    chunks = []
+    for start, end in gaps:
+        upper = end
+        while upper > start:
+            lower = max(start, upper - chunk_s)
+            chunks.append((lower, upper))
+            upper = lower
+    return sorted(chunks, key=lambda chunk: chunk[1], reverse=True)
+
+
+class Ingestor:
+    """Brings each asset's stored series up to date with the upstream, one run at a time.
+
+    One algorithm serves bootstrap, polling and catch-up: fetch what the repository has not
+    recorded as covered in [now - bootstrap, now), plus the last `overlap` again for late
+    and revised points.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: Any,
+        repository: Any,
+        assets: Sequence[str],
+        bootstrap_s: float,
+        chunk_s: float,
+        concurrency: int,
+        overlap_s: float,
+        observer: IngestObserver | None = None,
+        clock: Callable[[], float] = time.time,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+    ) -> None:
+        self._client = client
+        self._repository = repository
+        self._assets = tuple(assets)
+        self._bootstrap_s = int(bootstrap_s)
+        self._chunk_s = max(STEP_S, int(chunk_s))
+        self._concurrency = max(1, concurrency)
+        self._overlap_s = int(overlap_s)
+        self._observer = observer or _QuietObserver()
+        self._clock = clock
+        self._progress_interval_s = progress_interval_s
+
+    def window(self) -> tuple[int, int]:
+        """The [start, end) range in Unix seconds that ingestion keeps complete right now."""
+        now = int(self._clock())
+        return (now - self._bootstrap_s) // STEP_S * STEP_S, now
+
+    def run_once(self, stop: threading.Event | None = None) -> None:
+        """Sync every asset once; one asset failing never stops the others. Blocks."""
+        stop = stop or threading.Event()
+        for asset_id in self._assets:
+            if stop.is_set():
+                return
+            try:
+                self.sync_asset(asset_id, stop)
+            except Exception:
+                log.exception("ingestion run failed", extra={"asset_id": asset_id})
+
+    def sync_asset(self, asset_id: str, stop: threading.Event) -> None:
+        """Fetch what is missing for one asset, unless another replica is on it. Blocks."""
+        with self._repository.asset_lock(asset_id) as acquired:
+            if not acquired:
+                log.info("asset busy in another replica; skipped", extra={"asset_id": asset_id})
+                return
+            start, end = self.window()
+            chunks = self._chunks(asset_id, start, end)
+            error = self._fetch_all(asset_id, chunks, stop)
+            self._repository.record_attempt(asset_id, error=error)
+            status = self._repository.asset_status([asset_id], start_s=start, end_s=end)[0]
+            self._observer.asset_synced(asset_id, ok=error is None, coverage=status.coverage)
+
+    def _chunks(self, asset_id: str, start: int, end: int) -> list[tuple[int, int]]:
+        gaps = self._repository.uncovered(asset_id, start, end)
+        recent = (max(start, end - self._overlap_s), end)
+        return plan_chunks(_union([*gaps, recent]), chunk_s=self._chunk_s)
+
+    def _fetch_all(
+        self, asset_id: str, chunks: list[tuple[int, int]], stop: threading.Event
+    ) -> str | None:
+        """Fetch and store chunks with bounded concurrency; returns the last error, if any."""
+        tracker = _ProgressTracker(asset_id, len(chunks), self._observer, self._progress_interval_s)
+        pending = iter(chunks)
+        in_flight: set[Future] = set()
+        error: str | None = None
+        failures = 0
+        with ThreadPoolExecutor(
+            self._concurrency, thread_name_prefix=f"fetch-{asset_id[:8]}"
+        ) as pool:
+            while True:
+                while (
+                    len(in_flight) < self._concurrency
+                    and failures < MAX_CONSECUTIVE_FAILURES
+                    and not stop.is_set()
+                    and (chunk := next(pending, None)) is not None
+                ):
+                    in_flight.add(pool.submit(self._fetch_chunk, asset_id, *chunk))
+                if not in_flight:
+                    break
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        tracker.chunk_done(future.result())
+                        failures = 0
+                    except (UpstreamError, _StoreError) as exc:
+                        failures += 1
+                        error = str(exc)
+                        log.warning("chunk failed", extra={"asset_id": asset_id, "error": error})
+        tracker.finish()
+        if failures >= MAX_CONSECUTIVE_FAILURES:
+            log.warning(
+                "upstream failing; stopped this run early",
+                extra={"asset_id": asset_id, "chunks_left": len(list(pending))},
+            )
+        return error
+
+    def _fetch_chunk(self, asset_id: str, start: int, end: int) -> int:
+        result = self._client.fetch(asset_id, _utc(start), _utc(end))
+        try:
+            # One transaction: the points and the coverage of their range land together.
+            self._repository.upsert_points(asset_id, result.points, covered=(start, end))
+        except Exception as exc:
+            raise _StoreError(f"storing {asset_id} [{_utc(start)}, {_utc(end)}): {exc}") from exc
+        self._observer.chunk_stored(asset_id, len(result.points), result.skipped)
+        return len(result.points)
+
+
+class _StoreError(Exception):
+    """Fetched points could not be written; the chunk stays uncovered."""
+
+
+def _utc(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _union(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class _ProgressTracker:
+    """Counts finished chunks and reports progress at most every `interval_s`."""
+
+    def __init__(self, asset_id: str, total: int, observer: IngestObserver, interval_s: float):
+        self._asset_id = asset_id
+        self._total = total
+        self._observer = observer
+        self._interval_s = interval_s
+        self._started = time.monotonic()
+        self._last_report = self._started
+        self._done = 0
+        self._points = 0
+
+    def chunk_done(self, points: int) -> None:
+        self._done += 1
+        self._points += points
+        now = time.monotonic()
+        if now - self._last_report >= self._interval_s:
+            self._last_report = now
+            self._observer.progress(self._snapshot(now))
+
+    def finish(self) -> None:
+        # Only runs long enough to have shown progress need a closing report.
+        if self._last_report > self._started:
+            self._observer.progress(self._snapshot(time.monotonic()))
+
+    def _snapshot(self, now: float) -> Progress:
+        return Progress(self._asset_id, self._done, self._total, self._points, now - self._started)
+
+
+class Scheduler:
+    """Runs a job on one daemon thread: at once, then every `interval_s`, until closed.
+
+    The job gets the stop event and should return soon after it is set. Runs never overlap:
+    a run still going when the next is due delays it.
+    """
+
+    def __init__(
+        self, job: Callable[[threading.Event], None], *, interval_s: float, name: str = "ingest"
+    ) -> None:
+        self._job = job
+        self._stop = threading.Event()
+        self._schedule = schedule.Scheduler()
+        self._schedule.every(interval_s).seconds.do(self._run_job)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._name = name
+
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+        """Stop after the current chunk and join the thread; safe to call twice."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("scheduler thread did not stop in time", extra={"thread": self._name})
+
+    def __enter__(self) -> Scheduler:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run_job(self) -> None:
+        try:
+            self._job(self._stop)
+        except Exception:
+            log.exception("scheduled job failed", extra={"thread": self._name})
+
+    def _loop(self) -> None:
+        self._run_job()
+        while not self._stop.is_set():
+            self._schedule.run_pending()
+            idle = self._schedule.idle_seconds
+            self._stop.wait(min(1.0, max(0.0, idle if idle is not None else 1.0)))
