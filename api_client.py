@@ -123,7 +123,7 @@ class _Call:
 
 
 def validate_url_template(template: str) -> None:
-    """Raise ValueError unless template is an http(s) URL with one {asset_id} placeholder."""
+    """Raise ValueError unless template is an http(s) URL with an {asset_id} placeholder."""
     normalized = _normalize_template(template)
     example = f"e.g. {DEFAULT_URL_TEMPLATE!r}"
     parts = urlsplit(normalized)
