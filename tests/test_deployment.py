@@ -432,9 +432,10 @@ def test_secret_and_configmap_references_resolve() -> None:
 
 def test_configmap_config_mirrors_the_repository_config() -> None:
     repo, configmap = _repo_config(), _configmap_config()
-    assert configmap.keys() == repo.keys(), "sections differ from config.yaml"
+    stale = "k8s/10-configmap.yaml is out of step with config.yaml"
+    assert configmap.keys() == repo.keys(), f"{stale}: sections differ"
     for section, values in repo.items():
-        assert configmap[section].keys() == values.keys(), f"keys of {section!r} differ"
+        assert configmap[section].keys() == values.keys(), f"{stale}: keys of {section!r} differ"
     database = configmap["database"]
     assert database["url"] == ""
     assert database["host"] == _k8s("Service", "timescaledb")["metadata"]["name"]
