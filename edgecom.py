@@ -25,18 +25,33 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from api_client import ApiClient, validate_url_template
+from interceptors import (
+    AuthInterceptor,
+    CacheInterceptor,
+    CacheKey,
+    MetricsInterceptor,
+    QueryCache,
+    RateLimitInterceptor,
+    RequestLogInterceptor,
+)
+from metrics import Metrics, start_metrics_server
 from repository import (
     AGGREGATIONS,
     Cancellation,
+    ChangeListener,
     DatabaseUnavailable,
     EmbeddedPostgres,
     QueryCancelled,
     Repository,
 )
+from scheduler import STEP_S, Ingestor, Progress, Scheduler
+from simulator import Simulator
 
 HERE = Path(__file__).resolve().parent
 VERSION = "0.1.0"
 SERVICE_NAME = "edgecom.TimeSeriesService"
+QUERY_METHOD = f"/{SERVICE_NAME}/QueryTimeSeries"
 MAX_WINDOW_S = 366 * 86400
 # How often the health watch re-checks the database once it is up.
 HEALTH_CHECK_INTERVAL_S = 5.0
@@ -141,6 +156,17 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    compress_after: float = _duration(7 * 86400.0)
+    retention: str = ""  # a duration, or empty to keep everything
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"
@@ -155,6 +181,8 @@ class Config:
     query: QueryConfig = field(default_factory=QueryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -264,11 +292,10 @@ def _from_go_layout(raw: dict) -> dict:
 
 
 def _validate(config: Config) -> None:
-    template = config.upstream.url
-    if "{asset_id}" not in template or not re.match(r"^https?://[^/\s]+", template):
-        raise ConfigError(
-            f"upstream.url: expected an http(s) URL containing {{asset_id}}, got {template!r}"
-        )
+    try:
+        validate_url_template(config.upstream.url)
+    except ValueError as exc:
+        raise ConfigError(f"upstream.url: {exc}") from None
     if not config.upstream.assets:
         raise ConfigError("upstream.assets: configure at least one asset id")
     for key, value in (
@@ -295,6 +322,15 @@ def _validate(config: Config) -> None:
     ):
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")
+    if config.storage.retention:
+        try:
+            parse_duration(config.storage.retention)
+        except ValueError as exc:
+            raise ConfigError(f"storage.retention: {exc}") from None
+    if any(not token for token in config.auth.tokens):
+        raise ConfigError("auth.tokens: a token must not be empty")
+    if config.upstream.chunk < STEP_S:
+        raise ConfigError(f"upstream.chunk: must be at least 15m, got {config.upstream.chunk}s")
     if config.logging.level.upper() not in logging.getLevelNamesMapping():
         raise ConfigError(f"logging.level: unknown level {config.logging.level!r}")
     if config.logging.format not in ("auto", "text", "json"):
@@ -409,13 +445,48 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
     return Query(asset_id, start_s, end_s, window_s, aggregation)
 
 
+def _default_window() -> tuple[int, int]:
+    now = int(time.time())
+    return now - int(UpstreamConfig.bootstrap), now
+
+
 class TimeSeriesServicer(services.TimeSeriesServiceServicer):
     """Answers TimeSeriesService calls from the repository."""
 
-    def __init__(self, *, repository: Repository, assets: Sequence[str], max_points: int) -> None:
+    def __init__(
+        self,
+        *,
+        repository: Repository,
+        assets: Sequence[str],
+        max_points: int,
+        window: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
         self._repository = repository
         self._assets = tuple(assets)
         self._max_points = max_points
+        # The [start, end) range ingestion keeps complete; coverage is measured against it.
+        self._window = window or _default_window
+
+    def ListAssets(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with _status_on_error(context):
+            start_s, end_s = self._window()
+            statuses = self._repository.asset_status(self._assets, start_s=start_s, end_s=end_s)
+            response = protos.ListAssetsResponse()
+            for status in statuses:
+                info = response.assets.add(
+                    asset_id=status.asset_id,
+                    point_count=status.points,
+                    coverage=status.coverage,
+                    last_error=status.last_error or "",
+                )
+                for name, seconds in (
+                    ("first_point_time", status.first_s),
+                    ("last_point_time", status.last_s),
+                    ("last_successful_fetch", status.last_success_s),
+                ):
+                    if seconds is not None:
+                        getattr(info, name).seconds = seconds
+            return response
 
     def QueryTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Any:
         with _status_on_error(context):
@@ -613,8 +684,11 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extras}" if extras else line
 
 
-def setup_logging(config: LoggingConfig, stream: Any = None) -> None:
-    """Send log records to stderr as text on a terminal and as JSON lines otherwise."""
+def setup_logging(config: LoggingConfig, stream: Any = None) -> bool:
+    """Send log records to stderr as text on a terminal and as JSON lines otherwise.
+
+    Returns whether the output is JSON.
+    """
     stream = stream or sys.stderr
     use_json = config.format == "json" or (config.format == "auto" and not stream.isatty())
     handler = logging.StreamHandler(stream)
@@ -622,6 +696,9 @@ def setup_logging(config: LoggingConfig, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
+    # One line per request from the HTTP client would drown everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return use_json
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -633,6 +710,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Serve EdgeCom asset time series over gRPC (QueryTimeSeries).",
         epilog="Every config key can be overridden by EDGECOM_<SECTION>_<KEY>, "
         "e.g. EDGECOM_DATABASE_URL or EDGECOM_SERVER_PORT.",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve two demo assets from a built-in EdgeCom API simulator, fully offline",
     )
     parser.add_argument(
         "--config",
@@ -652,16 +734,120 @@ def _install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
+DEMO_ASSETS = ("00000000-0000-4000-8000-00000000d001", "00000000-0000-4000-8000-00000000d002")
+
+
+class IngestMetrics:
+    """Turns what ingestion and the upstream client report into metrics and progress output."""
+
+    def __init__(self, metrics: Metrics, *, progress_stream: Any = None) -> None:
+        self._metrics = metrics
+        # On a terminal, progress is one line redrawn in place; elsewhere, periodic log lines.
+        self._progress_stream = progress_stream
+
+    def upstream_request(self, asset_id: str, outcome: str, duration_s: float) -> None:
+        self._metrics.upstream_requests.labels(asset_id, outcome).inc()
+        self._metrics.upstream_request_duration.observe(duration_s)
+
+    def chunk_stored(self, asset_id: str, points: int, skipped: int) -> None:
+        self._metrics.ingested_points.labels(asset_id).inc(points)
+        self._metrics.skipped_points.labels(asset_id).inc(skipped)
+        self._metrics.last_successful_fetch.labels(asset_id).set(time.time())
+
+    def asset_synced(self, asset_id: str, *, ok: bool, coverage: float | None) -> None:
+        if coverage is not None:
+            self._metrics.coverage_ratio.labels(asset_id).set(coverage)
+
+    def progress(self, progress: Progress) -> None:
+        if self._progress_stream is None:
+            log.info(
+                "bootstrap progress",
+                extra={
+                    "asset_id": progress.asset_id,
+                    "chunks_done": progress.chunks_done,
+                    "chunks_total": progress.chunks_total,
+                    "points": progress.points,
+                    "points_per_s": round(progress.rate),
+                    "eta_s": None if progress.eta_s is None else round(progress.eta_s),
+                },
+            )
+            return
+        end = "\n" if progress.chunks_done == progress.chunks_total else ""
+        self._progress_stream.write(f"\r\x1b[K{progress.describe()}{end}")
+        self._progress_stream.flush()
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
+    """Read the TLS files named in server.tls; None when TLS is off. Raises ConfigError."""
+    if not tls.cert_file and not tls.key_file and not tls.client_ca_file:
+        return None
+    if not tls.cert_file or not tls.key_file:
+        raise ConfigError("server.tls: set both cert_file and key_file to turn TLS on")
+
+    def read(key: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"server.tls.{key}: cannot read {path}: {exc.strerror}") from None
+
+    pair = (read("key_file", tls.key_file), read("cert_file", tls.cert_file))
+    if tls.client_ca_file:
+        return grpc.ssl_server_credentials(
+            [pair],
+            root_certificates=read("client_ca_file", tls.client_ca_file),
+            require_client_auth=True,
+        )
+    return grpc.ssl_server_credentials([pair])
+
+
+def build_interceptors(
+    config: Config, *, metrics: Metrics, cache: QueryCache
+) -> tuple[grpc.ServerInterceptor, ...]:
+    """The interceptor chain, outermost first: every call passes them in this order."""
+    assets = config.upstream.assets
+
+    def cache_key(method: str, request: Any) -> CacheKey | None:
+        if method != QUERY_METHOD:
+            return None
+        query = parse_query(request, assets)
+        return CacheKey(
+            query.asset_id, query.start_s, query.end_s, str(query.window_s), query.aggregation
+        )
+
+    return (
+        RequestLogInterceptor(),
+        MetricsInterceptor(metrics),
+        AuthInterceptor(config.auth.tokens),
+        RateLimitInterceptor(config.rate_limit.rps, config.rate_limit.burst, metrics=metrics),
+        CacheInterceptor(cache, cache_key, metrics),
+    )
+
+
 def run(
-    config: Config, stop: threading.Event, on_ready: Callable[[int], None] | None = None
+    config: Config,
+    stop: threading.Event,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    progress_stream: Any = None,
+    on_ready: Callable[[int], None] | None = None,
 ) -> None:
-    """Run the service until `stop` is set, then shut it down in order. Blocks."""
+    """Run the service until `stop` is set, then shut it down in order. Blocks.
+
+    Resources are entered in dependency order so the ExitStack closes them in reverse:
+    scheduler, upstream client, change listener, pool, embedded database.
+    """
     with ExitStack() as stack:
         if config.database.embedded:
             embedded = stack.enter_context(EmbeddedPostgres(data_dir=config.database.data_dir))
             dsn = embedded.dsn
         else:
             dsn = config.database.dsn()
+        metrics = Metrics()
+        if config.metrics.port:
+            metrics_server = stack.enter_context(
+                start_metrics_server(metrics, host=config.server.host, port=config.metrics.port)
+            )
+            log.info("metrics served", extra={"port": metrics_server.port, "path": "/metrics"})
         repository = stack.enter_context(
             Repository(
                 dsn=dsn,
@@ -669,26 +855,73 @@ def run(
                 connect_timeout_s=config.database.connection_timeout,
             )
         )
+        cache = QueryCache(config.cache.size, metrics=metrics)
+        stack.enter_context(
+            ChangeListener(
+                dsn=dsn,
+                # A change to the point at last_s must drop entries whose range holds it.
+                on_change=lambda asset_id, first_s, last_s: cache.invalidate(
+                    asset_id, first_s, last_s + 1
+                ),
+                on_reconnect=cache.clear,
+            )
+        )
         health_servicer = health.HealthServicer()
         watch = stack.enter_context(
             closing(HealthWatch(repository=repository, health_servicer=health_servicer))
+        )
+        observer = IngestMetrics(metrics, progress_stream=progress_stream)
+        client = stack.enter_context(
+            ApiClient(
+                url_template=config.upstream.url,
+                timeout_s=config.upstream.timeout,
+                on_request=observer.upstream_request,
+            )
+        )
+        ingestor = Ingestor(
+            client=client,
+            repository=repository,
+            assets=config.upstream.assets,
+            bootstrap_s=config.upstream.bootstrap,
+            chunk_s=config.upstream.chunk,
+            concurrency=config.upstream.concurrency,
+            overlap_s=config.upstream.overlap,
+            observer=observer,
         )
         servicer = TimeSeriesServicer(
             repository=repository,
             assets=config.upstream.assets,
             max_points=config.query.max_points,
+            window=ingestor.window,
         )
         server, port = create_server(
             address=f"{config.server.host}:{config.server.port}",
             servicer=servicer,
             health_servicer=health_servicer,
             max_workers=config.server.max_workers,
+            interceptors=build_interceptors(config, metrics=metrics, cache=cache),
+            credentials=credentials,
         )
         server.start()
         watch.start()
         log.info(
             "serving",
-            extra={"address": f"{config.server.host}:{port}", "version": VERSION},
+            extra={
+                "address": f"{config.server.host}:{port}",
+                "tls": credentials is not None,
+                "version": VERSION,
+            },
+        )
+
+        def ingest(stop_ingest: threading.Event) -> None:
+            # Ingestion needs the migrated schema: wait for it, but never past a shutdown.
+            while not watch.wait_ready(1.0):
+                if stop_ingest.is_set():
+                    return
+            ingestor.run_once(stop_ingest)
+
+        stack.enter_context(
+            Scheduler(ingest, interval_s=config.upstream.poll_interval, name="ingest")
         )
         if on_ready:
             on_ready(port)
@@ -699,22 +932,41 @@ def run(
         log.info("server stopped")
 
 
+def _demo_config(config: Config, url_template: str) -> Config:
+    upstream = dataclasses.replace(config.upstream, url=url_template, assets=DEMO_ASSETS)
+    return dataclasses.replace(config, upstream=upstream)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse flags, load config, serve until SIGINT/SIGTERM. Returns the exit code."""
     args = _parse_args(argv)
     try:
         config = load_config(args.config)
+        credentials = server_credentials(config.server.tls)
     except ConfigError as exc:
         print(f"edgecom: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.logging)
+    use_json = setup_logging(config.logging)
     stop = threading.Event()
     _install_signal_handlers(stop)
-    try:
-        run(config, stop)
-    except (OSError, DatabaseUnavailable) as exc:
-        log.error("cannot start", extra={"error": str(exc)})
-        return 1
+    with ExitStack() as stack:
+        if args.demo:
+            simulator = stack.enter_context(Simulator(host="127.0.0.1", port=0).start())
+            config = _demo_config(config, simulator.url_template)
+            log.info(
+                "demo mode: serving simulated EdgeCom data",
+                extra={"upstream": simulator.url_template, "assets": list(DEMO_ASSETS)},
+            )
+        try:
+            run(
+                config,
+                stop,
+                credentials=credentials,
+                progress_stream=None if use_json else sys.stderr,
+            )
+        except (OSError, DatabaseUnavailable) as exc:
+            log.error("cannot start", extra={"error": str(exc)})
+            return 1
     log.info("stopped")
     return 0
 

@@ -62,17 +62,20 @@ FROM unnest(
 ORDER BY lower(gap)
 """
 
+# Coverage is measured over the bootstrap span ending at the newest covered instant (or
+# `end` when that is older), so a finished bootstrap reads 1.0 between polls as well.
 _ASSET_STATUS = """
-WITH wanted AS (SELECT unnest(%(asset_ids)s::text[]) AS asset_id),
-window_range AS (SELECT tstzrange(%(start)s, %(end)s) AS r)
+WITH wanted AS (SELECT unnest(%(asset_ids)s::text[]) AS asset_id)
 SELECT w.asset_id,
        extract(epoch FROM stats.first)::bigint,
        extract(epoch FROM stats.last)::bigint,
        coalesce(stats.count, 0),
-       coalesce(
-           (SELECT sum(extract(epoch FROM upper(c) - lower(c)))
-            FROM unnest(a.covered * tstzmultirange((SELECT r FROM window_range))) AS c), 0)
-       / extract(epoch FROM %(end)s::timestamptz - %(start)s::timestamptz),
+       coalesce((
+           SELECT sum(extract(epoch FROM upper(c) - lower(c)))
+           FROM unnest(a.covered * tstzmultirange(tstzrange(
+               least(%(end)s, upper(a.covered)) - %(span)s, least(%(end)s, upper(a.covered))
+           ))) AS c
+       ), 0) / extract(epoch FROM %(span)s),
        extract(epoch FROM a.last_success)::bigint,
        a.last_error
 FROM wanted w
@@ -320,8 +323,8 @@ class Repository:
         """Stored range, point count, covered share of [start_s, end_s) and last outcome."""
         params = {
             "asset_ids": list(asset_ids),
-            "start": _to_datetime(start_s),
             "end": _to_datetime(end_s),
+            "span": timedelta(seconds=end_s - start_s),
         }
         with _unavailable_on_failure("reading asset status"), self._pool.connection() as conn:
             rows = conn.execute(_ASSET_STATUS, params).fetchall()

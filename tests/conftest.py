@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,13 +28,18 @@ OTHER_ASSET = "0b5e4c43-bb1c-4bd1-a0a4-7c46f4ff2a3c"
 
 
 @pytest.fixture(scope="session")
-def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_dsn() -> Iterator[str]:
     """DSN of a PostgreSQL server: $EDGECOM_TEST_DSN, or an embedded server for this session."""
     dsn = os.environ.get("EDGECOM_TEST_DSN")
     if dsn:
         yield dsn
         return
-    with EmbeddedPostgres(data_dir=tmp_path_factory.mktemp("pgdata")) as embedded:
+    # Not under pytest's basetemp: a concurrent pytest run prunes old basetemps, and this
+    # directory must live exactly as long as the server.
+    with (
+        tempfile.TemporaryDirectory(prefix="edgecom-test-pg-") as data_dir,
+        EmbeddedPostgres(data_dir=data_dir) as embedded,
+    ):
         yield embedded.dsn
 
 

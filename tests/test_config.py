@@ -100,7 +100,7 @@ database:
         ("sever: {}\n", {}, "sever: unknown section"),
         ("server: {port: eighty}\n", {}, "server.port: expected a whole number"),
         ("upstream: {timeout: soon}\n", {}, "upstream.timeout: expected a duration"),
-        ("upstream: {url: 'https://x/series'}\n", {}, "upstream.url: expected an http(s) URL"),
+        ("upstream: {url: 'https://x/series'}\n", {}, "upstream.url: upstream url"),
         ("upstream: {url: 'ftp://x/{asset_id}'}\n", {}, "upstream.url"),
         ("", {"EDGECOM_SERVER_PORT": "x"}, "EDGECOM_SERVER_PORT: expected a whole number"),
         ("upstream: {assets: []}\n", {}, "upstream.assets"),
