@@ -26,6 +26,68 @@ AGGREGATIONS = ("MIN", "MAX", "AVG", "SUM")
 _MIGRATION_LOCK_KEY = 0x65646765636F6D  # "edgecom"
 _ASSET_LOCK_PREFIX = "edgecom.asset:"
 
+# TimescaleDB storage policies (see Repository.apply_storage_policies). Compressed batches
+# hold one asset's points in time order: the bucketed query reads one asset at a time, and
+# the primary key (asset_id, time) stays enforceable on compressed chunks, because an
+# upsert then decompresses only the batch whose time range holds the conflicting point.
+_COMPRESS_SEGMENTBY = "asset_id"
+_COMPRESS_ORDERBY = "time"
+
+_TIMESCALEDB_INSTALLED = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+
+# Queried only once the extension is known to be installed: the views do not exist otherwise.
+_POINTS_HYPERTABLE = """
+SELECT compression_enabled
+FROM timescaledb_information.hypertables
+WHERE hypertable_schema = current_schema() AND hypertable_name = 'points'
+"""
+
+_ENABLE_COMPRESSION = sql.SQL(
+    "ALTER TABLE points SET (timescaledb.compress,"
+    " timescaledb.compress_segmentby = {segmentby}, timescaledb.compress_orderby = {orderby})"
+).format(segmentby=sql.Literal(_COMPRESS_SEGMENTBY), orderby=sql.Literal(_COMPRESS_ORDERBY))
+
+_COMPRESSION_SETTINGS = """
+SELECT attname::text, segmentby_column_index, orderby_column_index,
+       CASE WHEN orderby_column_index IS NOT NULL THEN orderby_asc END
+FROM timescaledb_information.compression_settings
+WHERE hypertable_schema = current_schema() AND hypertable_name = 'points'
+ORDER BY segmentby_column_index NULLS LAST, orderby_column_index NULLS LAST
+"""
+
+# Whether each policy job on points has the wanted age; a job set up by other means (for
+# instance with compress_created_before) has no such key and counts as different.
+_POLICY_JOBS = """
+SELECT job_id, coalesce((config->>%(key)s::text)::interval = %(age)s::interval, false)
+FROM timescaledb_information.jobs
+WHERE proc_name = %(proc)s AND hypertable_schema = current_schema()
+  AND hypertable_name = 'points'
+"""
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """One TimescaleDB policy kind: its job procedure, config key, and add/remove calls."""
+
+    proc: str
+    key: str
+    add: str
+    remove: str
+
+
+_COMPRESSION_POLICY = _Policy(
+    proc="policy_compression",
+    key="compress_after",
+    add="SELECT add_compression_policy('points', compress_after => %(age)s::interval)",
+    remove="SELECT remove_compression_policy('points', if_exists => true)",
+)
+_RETENTION_POLICY = _Policy(
+    proc="policy_retention",
+    key="drop_after",
+    add="SELECT add_retention_policy('points', drop_after => %(age)s::interval)",
+    remove="SELECT remove_retention_policy('points', if_exists => true)",
+)
+
 _BUCKET_QUERY = """
 SELECT extract(epoch FROM date_bin(%(window)s, time, TIMESTAMPTZ 'epoch'))::bigint AS bucket,
        {aggregate}(value) AS value
@@ -258,6 +320,75 @@ class Repository:
                 applied.append(path.name)
                 log.info("applied migration", extra={"migration": path.name})
         return applied
+
+    def apply_storage_policies(self, *, compress_after_s: float, retention_s: float | None) -> bool:
+        """Set up TimescaleDB compression and retention; returns whether TimescaleDB is in use.
+
+        On plain PostgreSQL (or when points is not a hypertable) this changes nothing and
+        returns False. Otherwise compression is enabled (segmented by asset, ordered by time)
+        with a policy compressing chunks older than `compress_after_s` seconds, and chunks
+        older than `retention_s` seconds are dropped by a retention policy, or kept for ever
+        when it is None. A policy is replaced only when its age changed, so running this
+        again with the same arguments is a no-op. One transaction under the migration lock,
+        so replicas starting together apply it once; call it after migrate(). Blocks.
+        """
+        if not compress_after_s > 0:
+            raise ValueError(f"compress_after_s must be positive, not {compress_after_s!r}")
+        if retention_s is not None and not retention_s > 0:
+            raise ValueError(f"retention_s must be positive or None, not {retention_s!r}")
+        with (
+            _unavailable_on_failure("applying storage policies"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            if not conn.execute(_TIMESCALEDB_INSTALLED).fetchone()[0]:
+                return False
+            row = conn.execute(_POINTS_HYPERTABLE).fetchone()
+            if row is None:
+                log.warning(
+                    "timescaledb is installed but points is not a hypertable: "
+                    "no compression or retention (was it installed after the first migration?)"
+                )
+                return False
+            if row[0]:
+                self._check_compression_settings(conn)
+            else:
+                conn.execute(_ENABLE_COMPRESSION)
+                log.info(
+                    "enabled compression on points",
+                    extra={"segmentby": _COMPRESS_SEGMENTBY, "orderby": _COMPRESS_ORDERBY},
+                )
+            self._sync_policy(conn, _COMPRESSION_POLICY, compress_after_s)
+            self._sync_policy(conn, _RETENTION_POLICY, retention_s)
+        return True
+
+    @staticmethod
+    def _check_compression_settings(conn: psycopg.Connection) -> None:
+        # Settings cannot change while compressed chunks exist, and someone may have tuned
+        # them by hand: say so rather than fail the start-up.
+        wanted = [(_COMPRESS_SEGMENTBY, 1, None, None), (_COMPRESS_ORDERBY, None, 1, True)]
+        actual = conn.execute(_COMPRESSION_SETTINGS).fetchall()
+        if actual != wanted:
+            log.warning(
+                "points has compression settings other than the expected ones; left as they are",
+                extra={"expected": wanted, "actual": actual},
+            )
+
+    @staticmethod
+    def _sync_policy(conn: psycopg.Connection, policy: _Policy, age_s: float | None) -> None:
+        """Make the policy match `age_s` (None: no policy), replacing it only if it differs."""
+        age = None if age_s is None else timedelta(seconds=age_s)
+        params = {"key": policy.key, "age": age, "proc": policy.proc}
+        jobs = conn.execute(_POLICY_JOBS, params).fetchall()
+        if age is not None and len(jobs) == 1 and jobs[0][1]:
+            return
+        if jobs:
+            conn.execute(policy.remove)
+            log.info("removed policy", extra={"policy": policy.proc})
+        if age is not None:
+            conn.execute(policy.add, {"age": age})
+            log.info("added policy", extra={"policy": policy.proc, policy.key: str(age)})
 
     def upsert_points(
         self,
