@@ -312,6 +312,7 @@ def _validate(config: Config) -> None:
         "upstream.poll_interval": config.upstream.poll_interval,
         "database.max_connections": config.database.max_connections,
         "query.max_points": config.query.max_points,
+        "storage.compress_after": config.storage.compress_after,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -324,7 +325,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}: must not be negative, got {value}")
     if config.storage.retention:
         try:
-            parse_duration(config.storage.retention)
+            if parse_duration(config.storage.retention) <= 0:
+                raise ValueError("must be greater than 0; leave it empty to keep everything")
         except ValueError as exc:
             raise ConfigError(f"storage.retention: {exc}") from None
     if any(not token for token in config.auth.tokens):
@@ -590,8 +592,11 @@ class HealthWatch:
         repository: Repository,
         health_servicer: health.HealthServicer,
         interval_s: float = HEALTH_CHECK_INTERVAL_S,
+        prepare: Callable[[], object] | None = None,
     ) -> None:
         self._repository = repository
+        # Runs once the database answers: migrations, then whatever else the schema needs.
+        self._prepare = prepare or repository.migrate
         self._health = health_servicer
         self._interval_s = interval_s
         self._stop = threading.Event()
@@ -627,7 +632,7 @@ class HealthWatch:
         while not self._stop.is_set():
             try:
                 if not migrated:
-                    applied = self._repository.migrate()
+                    applied = self._prepare()
                     migrated = True
                     log.info("database ready", extra={"migrations_applied": applied})
                 else:
@@ -867,8 +872,24 @@ def run(
             )
         )
         health_servicer = health.HealthServicer()
+        retention = config.storage.retention
+
+        def prepare_database() -> list[str]:
+            applied = repository.migrate()
+            repository.apply_storage_policies(
+                compress_after_s=config.storage.compress_after,
+                retention_s=parse_duration(retention) if retention else None,
+            )
+            return applied
+
         watch = stack.enter_context(
-            closing(HealthWatch(repository=repository, health_servicer=health_servicer))
+            closing(
+                HealthWatch(
+                    repository=repository,
+                    health_servicer=health_servicer,
+                    prepare=prepare_database,
+                )
+            )
         )
         observer = IngestMetrics(metrics, progress_stream=progress_stream)
         client = stack.enter_context(
