@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 
 import psycopg
 import pytest
 from conftest import ASSET, OTHER_ASSET, wait_for
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from repository import LISTENER_APPLICATION_NAME, NOTIFY_CHANNEL, ChangeListener
 
@@ -34,6 +37,69 @@ class Recorder:
         return ChangeListener(
             dsn=dsn, on_change=self.on_change, on_reconnect=self.on_reconnect, **kwargs
         )
+
+
+class CuttableProxy:
+    """A loopback TCP proxy to a PostgreSQL server that can drop its connections at will.
+
+    Stands in for the network between a replica and the database: cut() drops every
+    connection, and while `down` is set new ones are closed as soon as they are accepted.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        params = conninfo_to_dict(dsn)
+        host, port = params.get("host") or "127.0.0.1", int(params.get("port") or 5432)
+        if host.startswith("/"):
+            self._target: tuple[int, object] = (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}")
+        else:
+            self._target = (socket.AF_INET, (host, port))
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=self._server.getsockname()[1])
+        self.down = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            # shutdown() wakes the pump blocked in recv() on it; close() alone would not.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._server.close()
+        self.cut()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                client.close()
+                continue
+            upstream = socket.socket(self._target[0], socket.SOCK_STREAM)
+            upstream.connect(self._target[1])
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def listener_backends(dsn: str) -> list[int]:
@@ -152,6 +218,41 @@ def test_a_terminated_connection_is_reopened_and_reported_once(repository, dsn, 
         "change listener listening",
         "change listener reconnected",
     ]
+
+
+def test_an_outage_is_logged_once_and_ends_in_one_reconnect(repository, dsn, caplog):
+    caplog.set_level(logging.DEBUG, logger="repository")
+    recorder = Recorder()
+    proxy = CuttableProxy(dsn)
+    try:
+        with recorder.listener(proxy.dsn) as listener:
+            assert listener.wait_listening(10)
+            proxy.down.set()
+            proxy.cut()
+
+            def failed_attempts() -> int:
+                return sum("still cannot connect" in r.getMessage() for r in caplog.records)
+
+            assert wait_for(lambda: failed_attempts() >= 3, timeout_s=5.0)
+            assert not listener.wait_listening(0)
+            # Written while the listener is away: never reported, which is why on_reconnect
+            # must let the wiring drop everything it cached.
+            repository.upsert_points(ASSET, [(T0, 1.0)])
+            assert recorder.reconnects == 0
+
+            proxy.down.clear()
+            assert wait_for(lambda: recorder.reconnects == 1, timeout_s=5.0)
+            repository.upsert_points(OTHER_ASSET, [(T0, 2.0)])
+            assert wait_for(lambda: recorder.changes, timeout_s=1.0)
+            assert recorder.changes == [(OTHER_ASSET, T0, T0)]
+            assert recorder.reconnects == 1
+    finally:
+        proxy.close()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["change listener lost its database connection; reconnecting"]
+    [recovery] = [r for r in caplog.records if r.getMessage() == "change listener reconnected"]
+    assert recovery.failed_attempts >= 3
 
 
 def test_close_twice_stops_the_thread_and_the_connection(dsn):
