@@ -307,30 +307,41 @@ class Scheduler:
     """Runs a job on one daemon thread: at once, then every `interval_s`, until closed.
 
     The job gets the stop event and should return soon after it is set. Runs never overlap:
-    a run still going when the next is due delays it.
+    the interval counts from the end of the previous run, so a run that takes longer than
+    the interval is followed by the next one straight away, never by two at once.
     """
 
     def __init__(
         self, job: Callable[[threading.Event], None], *, interval_s: float, name: str = "ingest"
     ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
         self._job = job
+        self._interval_s = interval_s
         self._stop = threading.Event()
         self._schedule = schedule.Scheduler()
-        self._schedule.every(interval_s).seconds.do(self._run_job)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._name = name
 
     def start(self) -> Scheduler:
+        """Start the thread, which runs the job at once; returns without waiting for it."""
         self._thread.start()
         return self
 
     def close(self, timeout_s: float = JOIN_TIMEOUT_S) -> None:
-        """Stop after the current chunk and join the thread; safe to call twice."""
+        """Stop after the current chunk and join the thread; safe to call twice.
+
+        Blocks up to `timeout_s`, then logs a warning and returns with the thread still
+        running (it is a daemon, so it does not keep the process alive).
+        """
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                log.warning("scheduler thread did not stop in time", extra={"thread": self._name})
+                log.warning(
+                    "scheduler thread did not stop in time",
+                    extra={"thread": self._name, "timeout_s": timeout_s},
+                )
 
     def __enter__(self) -> Scheduler:
         return self.start()
@@ -345,7 +356,12 @@ class Scheduler:
             log.exception("scheduled job failed", extra={"thread": self._name})
 
     def _loop(self) -> None:
+        if self._stop.is_set():
+            return
         self._run_job()
+        # Registered only now, so the first interval counts from the end of the first run
+        # rather than from construction; schedule then reschedules after each run ends.
+        self._schedule.every(self._interval_s).seconds.do(self._run_job)
         while not self._stop.is_set():
             self._schedule.run_pending()
             idle = self._schedule.idle_seconds
