@@ -68,10 +68,11 @@ SELECT w.asset_id,
        extract(epoch FROM stats.first)::bigint,
        extract(epoch FROM stats.last)::bigint,
        coalesce(stats.count, 0),
-       coalesce(
+       -- An empty window is trivially covered rather than a division by zero.
+       coalesce(coalesce(
            (SELECT sum(extract(epoch FROM upper(c) - lower(c)))
             FROM unnest(a.covered * tstzmultirange((SELECT r FROM window_range))) AS c), 0)
-       / extract(epoch FROM %(end)s::timestamptz - %(start)s::timestamptz),
+       / nullif(extract(epoch FROM %(end)s::timestamptz - %(start)s::timestamptz), 0), 1),
        extract(epoch FROM a.last_success)::bigint,
        a.last_error
 FROM wanted w
