@@ -340,7 +340,7 @@ class Scheduler:
             if self._thread.is_alive():
                 log.warning(
                     "scheduler thread did not stop in time",
-                    extra={"thread": self._name, "timeout_s": timeout_s},
+                    extra={"scheduler": self._name, "timeout_s": timeout_s},
                 )
 
     def __enter__(self) -> Scheduler:
@@ -353,7 +353,7 @@ class Scheduler:
         try:
             self._job(self._stop)
         except Exception:
-            log.exception("scheduled job failed", extra={"thread": self._name})
+            log.exception("scheduled job failed", extra={"scheduler": self._name})
 
     def _loop(self) -> None:
         if self._stop.is_set():
