@@ -132,12 +132,13 @@ SELECT w.asset_id,
        extract(epoch FROM stats.first)::bigint,
        extract(epoch FROM stats.last)::bigint,
        coalesce(stats.count, 0),
-       coalesce((
+       -- An empty span is trivially covered rather than a division by zero.
+       coalesce(coalesce((
            SELECT sum(extract(epoch FROM upper(c) - lower(c)))
            FROM unnest(a.covered * tstzmultirange(tstzrange(
                least(%(end)s, upper(a.covered)) - %(span)s, least(%(end)s, upper(a.covered))
            ))) AS c
-       ), 0) / extract(epoch FROM %(span)s),
+       ), 0) / nullif(extract(epoch FROM %(span)s), 0), 1),
        extract(epoch FROM a.last_success)::bigint,
        a.last_error
 FROM wanted w

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import schedule
+
 from api_client import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ STEP_S = 900  # the upstream's resolution: one point every 15 minutes
 MAX_CONSECUTIVE_FAILURES = 3
 PROGRESS_INTERVAL_S = 5.0
 JOIN_TIMEOUT_S = 30.0
+_MIN_PROGRESS_WAIT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -139,17 +141,26 @@ class Ingestor:
                 log.exception("ingestion run failed", extra={"asset_id": asset_id})
 
     def sync_asset(self, asset_id: str, stop: threading.Event) -> None:
-        """Fetch what is missing for one asset, unless another replica is on it. Blocks."""
+        """Fetch what is missing for one asset, unless another replica is on it. Blocks.
+
+        Returns soon after `stop` is set: chunks in flight are finished and stored, no new
+        ones start.
+        """
         with self._repository.asset_lock(asset_id) as acquired:
             if not acquired:
                 log.info("asset busy in another replica; skipped", extra={"asset_id": asset_id})
                 return
+            # Inside the lock, so what is planned reflects everything other replicas stored.
             start, end = self.window()
             chunks = self._chunks(asset_id, start, end)
-            error = self._fetch_all(asset_id, chunks, stop)
-            self._repository.record_attempt(asset_id, error=error)
+            error, left = self._fetch_all(asset_id, chunks, stop)
+            # A run cut short by shutdown is neither a success nor a failure worth recording.
+            if error is not None or not left:
+                self._repository.record_attempt(asset_id, error=error)
             status = self._repository.asset_status([asset_id], start_s=start, end_s=end)[0]
-            self._observer.asset_synced(asset_id, ok=error is None, coverage=status.coverage)
+            _notify(
+                self._observer.asset_synced, asset_id, ok=error is None, coverage=status.coverage
+            )
 
     def _chunks(self, asset_id: str, start: int, end: int) -> list[tuple[int, int]]:
         gaps = self._repository.uncovered(asset_id, start, end)
@@ -158,11 +169,16 @@ class Ingestor:
 
     def _fetch_all(
         self, asset_id: str, chunks: list[tuple[int, int]], stop: threading.Event
-    ) -> str | None:
-        """Fetch and store chunks with bounded concurrency; returns the last error, if any."""
+    ) -> tuple[str | None, int]:
+        """Fetch and store chunks with bounded concurrency.
+
+        Returns the last error (None if every chunk attempted was stored) and how many
+        chunks were not attempted, because of `stop` or because too many failed in a row.
+        """
         tracker = _ProgressTracker(asset_id, len(chunks), self._observer, self._progress_interval_s)
         pending = iter(chunks)
-        in_flight: set[Future] = set()
+        left = len(chunks)
+        in_flight: set[Future[int]] = set()
         error: str | None = None
         failures = 0
         with ThreadPoolExecutor(
@@ -176,24 +192,34 @@ class Ingestor:
                     and (chunk := next(pending, None)) is not None
                 ):
                     in_flight.add(pool.submit(self._fetch_chunk, asset_id, *chunk))
+                    left -= 1
                 if not in_flight:
                     break
-                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                # Woken on time as well, so a slow chunk does not hold back progress reports.
+                done, in_flight = wait(
+                    in_flight, timeout=tracker.seconds_to_report(), return_when=FIRST_COMPLETED
+                )
                 for future in done:
                     try:
                         tracker.chunk_done(future.result())
                         failures = 0
-                    except (UpstreamError, _StoreError) as exc:
+                    except Exception as exc:
                         failures += 1
                         error = str(exc)
-                        log.warning("chunk failed", extra={"asset_id": asset_id, "error": error})
+                        known = isinstance(exc, UpstreamError | _StoreError)
+                        log.warning(
+                            "chunk failed",
+                            extra={"asset_id": asset_id, "error": error},
+                            exc_info=not known,
+                        )
+                tracker.report_if_due()
         tracker.finish()
-        if failures >= MAX_CONSECUTIVE_FAILURES:
+        if failures >= MAX_CONSECUTIVE_FAILURES and left:
             log.warning(
-                "upstream failing; stopped this run early",
-                extra={"asset_id": asset_id, "chunks_left": len(list(pending))},
+                "chunks failing; stopped this run early",
+                extra={"asset_id": asset_id, "chunks_left": left},
             )
-        return error
+        return error, left
 
     def _fetch_chunk(self, asset_id: str, start: int, end: int) -> int:
         result = self._client.fetch(asset_id, _utc(start), _utc(end))
@@ -202,7 +228,7 @@ class Ingestor:
             self._repository.upsert_points(asset_id, result.points, covered=(start, end))
         except Exception as exc:
             raise _StoreError(f"storing {asset_id} [{_utc(start)}, {_utc(end)}): {exc}") from exc
-        self._observer.chunk_stored(asset_id, len(result.points), result.skipped)
+        _notify(self._observer.chunk_stored, asset_id, len(result.points), result.skipped)
         return len(result.points)
 
 
@@ -212,6 +238,14 @@ class _StoreError(Exception):
 
 def _utc(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
+
+
+def _notify(callback: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Call an observer method; metrics and progress output must never break ingestion."""
+    try:
+        callback(*args, **kwargs)
+    except Exception:
+        log.exception("ingest observer failed", extra={"callback": callback.__name__})
 
 
 def _union(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -225,7 +259,10 @@ def _union(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class _ProgressTracker:
-    """Counts finished chunks and reports progress at most every `interval_s`."""
+    """Counts finished chunks and reports progress at most every `interval_s`.
+
+    Used from the one thread that collects chunk results, so it needs no lock.
+    """
 
     def __init__(self, asset_id: str, total: int, observer: IngestObserver, interval_s: float):
         self._asset_id = asset_id
@@ -234,54 +271,77 @@ class _ProgressTracker:
         self._interval_s = interval_s
         self._started = time.monotonic()
         self._last_report = self._started
+        self._reported = False
         self._done = 0
         self._points = 0
 
     def chunk_done(self, points: int) -> None:
         self._done += 1
         self._points += points
+
+    def seconds_to_report(self) -> float:
+        """How long to wait for chunks before the next report is due; never below 50 ms."""
+        due = self._last_report + self._interval_s - time.monotonic()
+        return max(_MIN_PROGRESS_WAIT_S, due)
+
+    def report_if_due(self) -> None:
         now = time.monotonic()
         if now - self._last_report >= self._interval_s:
-            self._last_report = now
-            self._observer.progress(self._snapshot(now))
+            self._report(now)
 
     def finish(self) -> None:
         # Only runs long enough to have shown progress need a closing report.
-        if self._last_report > self._started:
-            self._observer.progress(self._snapshot(time.monotonic()))
+        if self._reported:
+            self._report(time.monotonic())
 
-    def _snapshot(self, now: float) -> Progress:
-        return Progress(self._asset_id, self._done, self._total, self._points, now - self._started)
+    def _report(self, now: float) -> None:
+        self._last_report = now
+        self._reported = True
+        progress = Progress(
+            self._asset_id, self._done, self._total, self._points, now - self._started
+        )
+        _notify(self._observer.progress, progress)
 
 
 class Scheduler:
     """Runs a job on one daemon thread: at once, then every `interval_s`, until closed.
 
     The job gets the stop event and should return soon after it is set. Runs never overlap:
-    a run still going when the next is due delays it.
+    the interval counts from the end of the previous run, so a run that takes longer than
+    the interval is followed by the next one straight away, never by two at once.
     """
 
     def __init__(
         self, job: Callable[[threading.Event], None], *, interval_s: float, name: str = "ingest"
     ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
         self._job = job
+        self._interval_s = interval_s
         self._stop = threading.Event()
         self._schedule = schedule.Scheduler()
-        self._schedule.every(interval_s).seconds.do(self._run_job)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._name = name
 
     def start(self) -> Scheduler:
+        """Start the thread, which runs the job at once; returns without waiting for it."""
         self._thread.start()
         return self
 
     def close(self, timeout_s: float = JOIN_TIMEOUT_S) -> None:
-        """Stop after the current chunk and join the thread; safe to call twice."""
+        """Stop after the current chunk and join the thread; safe to call twice.
+
+        Blocks up to `timeout_s`, then logs a warning and returns with the thread still
+        running (it is a daemon, so it does not keep the process alive).
+        """
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                log.warning("scheduler thread did not stop in time", extra={"thread": self._name})
+                log.warning(
+                    "scheduler thread did not stop in time",
+                    extra={"scheduler": self._name, "timeout_s": timeout_s},
+                )
 
     def __enter__(self) -> Scheduler:
         return self.start()
@@ -293,10 +353,15 @@ class Scheduler:
         try:
             self._job(self._stop)
         except Exception:
-            log.exception("scheduled job failed", extra={"thread": self._name})
+            log.exception("scheduled job failed", extra={"scheduler": self._name})
 
     def _loop(self) -> None:
+        if self._stop.is_set():
+            return
         self._run_job()
+        # Registered only now, so the first interval counts from the end of the first run
+        # rather than from construction; schedule then reschedules after each run ends.
+        self._schedule.every(self._interval_s).seconds.do(self._run_job)
         while not self._stop.is_set():
             self._schedule.run_pending()
             idle = self._schedule.idle_seconds

@@ -13,11 +13,17 @@ import psycopg
 import pytest
 from conftest import ASSET, OTHER_ASSET, ROOT, wait_for
 
-from repository import Cancellation, DatabaseUnavailable, QueryCancelled, Repository
+from repository import (
+    MIGRATIONS_DIR,
+    Cancellation,
+    DatabaseUnavailable,
+    QueryCancelled,
+    Repository,
+)
 
 DAY = 86400
-MIGRATIONS = sorted(path.name for path in (ROOT / "migrations").glob("*.sql"))
 T0 = 1_700_006_400  # 2023-11-15T00:00:00Z, a UTC midnight
+MIGRATIONS = sorted(path.name for path in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
 
 
 def reference(points, start_s, end_s, window_s, aggregation):
