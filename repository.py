@@ -124,8 +124,9 @@ FROM unnest(
 ORDER BY lower(gap)
 """
 
-# Coverage is measured over the bootstrap span ending at the newest covered instant (or
-# `end` when that is older), so a finished bootstrap reads 1.0 between polls as well.
+# Coverage is measured over [start, end), except that after a successful run it stops at
+# the newest covered instant: a finished bootstrap reads 1.0 between polls, while a failing
+# upstream shows as coverage falling behind.
 _ASSET_STATUS = """
 WITH wanted AS (SELECT unnest(%(asset_ids)s::text[]) AS asset_id)
 SELECT w.asset_id,
@@ -135,14 +136,17 @@ SELECT w.asset_id,
        -- An empty span is trivially covered rather than a division by zero.
        coalesce(coalesce((
            SELECT sum(extract(epoch FROM upper(c) - lower(c)))
-           FROM unnest(a.covered * tstzmultirange(tstzrange(
-               least(%(end)s, upper(a.covered)) - %(span)s, least(%(end)s, upper(a.covered))
-           ))) AS c
-       ), 0) / nullif(extract(epoch FROM %(span)s), 0), 1),
+           FROM unnest(a.covered * tstzmultirange(span.r)) AS c
+       ), 0) / nullif(extract(epoch FROM upper(span.r) - lower(span.r)), 0), 1),
        extract(epoch FROM a.last_success)::bigint,
        a.last_error
 FROM wanted w
 LEFT JOIN assets a USING (asset_id)
+CROSS JOIN LATERAL (
+    SELECT tstzrange(%(start)s, greatest(%(start)s, CASE
+        WHEN a.last_error IS NULL THEN least(%(end)s, upper(a.covered)) ELSE %(end)s
+    END)) AS r
+) span
 LEFT JOIN LATERAL (
     SELECT min(time) AS first, max(time) AS last, count(*) AS count
     FROM points p WHERE p.asset_id = w.asset_id
@@ -455,8 +459,8 @@ class Repository:
         """Stored range, point count, covered share of [start_s, end_s) and last outcome."""
         params = {
             "asset_ids": list(asset_ids),
+            "start": _to_datetime(start_s),
             "end": _to_datetime(end_s),
-            "span": timedelta(seconds=end_s - start_s),
         }
         with _unavailable_on_failure("reading asset status"), self._pool.connection() as conn:
             rows = conn.execute(_ASSET_STATUS, params).fetchall()

@@ -290,8 +290,9 @@ class _ProgressTracker:
             self._report(now)
 
     def finish(self) -> None:
-        # Only runs long enough to have shown progress need a closing report.
-        if self._reported:
+        # A routine poll (a chunk or two) stays quiet; a bootstrap or catch-up always ends
+        # with a summary, however fast it was.
+        if self._reported or self._total > 2:
             self._report(time.monotonic())
 
     def _report(self, now: float) -> None:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import psycopg
@@ -19,6 +20,7 @@ from test_repository import DAY, T0, assert_same, reference, series
 
 import edgecom
 from repository import Repository
+from simulator import Simulator
 
 TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
 
@@ -266,3 +268,85 @@ def test_process_serves_and_stops_gracefully_on_sigterm(dsn, tmp_path):
     events = [json.loads(line)["message"] for line in stderr.splitlines() if line.startswith("{")]
     assert "serving" in events and events[-1] == "stopped"
     assert not (tmp_path / ".edgecom").exists(), "with a database URL, nothing embedded starts"
+
+
+def test_demo_bootstraps_two_years_and_answers_with_the_simulators_data(dsn, grpcurl):
+    port = free_port()
+    env = {
+        **os.environ,
+        "EDGECOM_DATABASE_URL": dsn,
+        "EDGECOM_SERVER_HOST": "127.0.0.1",
+        "EDGECOM_SERVER_PORT": str(port),
+        "EDGECOM_METRICS_PORT": "0",
+        "EDGECOM_LOGGING_FORMAT": "json",
+        # The test polls ListAssets far faster than a client would.
+        "EDGECOM_RATE_LIMIT_RPS": "0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "edgecom.py"), "--demo"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = edgecom.services.TimeSeriesServiceStub(channel)
+
+            def bootstrapped() -> bool:
+                try:
+                    assets = stub.ListAssets(edgecom.protos.ListAssetsRequest(), timeout=5).assets
+                except grpc.RpcError:
+                    return False
+                return len(assets) == 2 and all(a.coverage == 1.0 for a in assets)
+
+            assert wait_for(bootstrapped, timeout_s=300)
+            assets = stub.ListAssets(edgecom.protos.ListAssetsRequest()).assets
+        assert [a.asset_id for a in assets] == list(edgecom.DEMO_ASSETS)
+        for asset in assets:
+            # Two years of quarter-hours, give or take the partial step at either end.
+            assert abs(asset.point_count - 730 * 96) <= 2
+            assert asset.last_error == ""
+
+        # The simulator is deterministic, so the test can compute the same series itself.
+        end_s = int(time.time()) // DAY * DAY - DAY
+        start_s = end_s - 30 * DAY
+        expected = reference(
+            Simulator().points(edgecom.DEMO_ASSETS[1], start_s, end_s), start_s, end_s, DAY, "SUM"
+        )
+        body = json.dumps(
+            {
+                "start": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(start_s))}",
+                "end": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(end_s))}",
+                "window": "1d",
+                "aggregation": "SUM",
+                "asset_id": edgecom.DEMO_ASSETS[1],
+            }
+        )
+        result = subprocess.run(
+            [
+                grpcurl,
+                "-plaintext",
+                "-d",
+                body,
+                f"127.0.0.1:{port}",
+                "edgecom.TimeSeriesService/QueryTimeSeries",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        answer = json.loads(result.stdout)["data"]
+        assert len(answer) == 30
+        got = [(p["time"], p["value"]) for p in answer]
+        want = [(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)), v) for t, v in expected]
+        assert [t for t, _ in got] == [t for t, _ in want]
+        for (_, g), (_, w) in zip(got, want, strict=True):
+            assert g == pytest.approx(w, rel=1e-9)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
