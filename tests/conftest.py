@@ -17,11 +17,10 @@ import pytest
 from grpc_health.v1 import health
 from psycopg.conninfo import make_conninfo
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import edgecom
+from repository import EmbeddedPostgres, Repository
 
-import edgecom  # noqa: E402
-from repository import EmbeddedPostgres, Repository  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ASSET = "3662953a-1396-4996-a1b6-99a0c5e7a5de"
 OTHER_ASSET = "0b5e4c43-bb1c-4bd1-a0a4-7c46f4ff2a3c"

@@ -21,7 +21,6 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from prometheus_client.parser import text_string_to_metric_families
 
 # The modules under test sit at the repository root; the proto is loaded at run time.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proto"))
 
 from interceptors import (

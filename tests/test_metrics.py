@@ -1,15 +1,11 @@
 """Tests of the metric definitions and of the HTTP endpoint that serves them."""
 
 import socket
-import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metrics import Metrics, start_metrics_server
 

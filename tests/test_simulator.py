@@ -14,8 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from simulator import Faults, RequestRecord, Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
