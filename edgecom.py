@@ -25,7 +25,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api_client import ApiClient, validate_url_template
+from api_client import BACKOFF_MAX_S, RETRY_ATTEMPTS, ApiClient, validate_url_template
 from interceptors import (
     AuthInterceptor,
     CacheInterceptor,
@@ -105,6 +105,8 @@ class UpstreamConfig:
     chunk: float = _duration(7 * 86400.0)
     concurrency: int = 4
     overlap: float = _duration(3600.0)
+    retry_attempts: int = RETRY_ATTEMPTS
+    retry_max_backoff: float = _duration(BACKOFF_MAX_S)
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,8 @@ def _validate(config: Config) -> None:
         "upstream.concurrency": config.upstream.concurrency,
         "upstream.chunk": config.upstream.chunk,
         "upstream.poll_interval": config.upstream.poll_interval,
+        "upstream.retry_attempts": config.upstream.retry_attempts,
+        "upstream.bootstrap": config.upstream.bootstrap,
         "database.max_connections": config.database.max_connections,
         "query.max_points": config.query.max_points,
         "storage.compress_after": config.storage.compress_after,
@@ -323,6 +327,11 @@ def _validate(config: Config) -> None:
     ):
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")
+    if config.upstream.overlap > config.upstream.bootstrap:
+        raise ConfigError(
+            f"upstream.overlap: must not exceed upstream.bootstrap "
+            f"({config.upstream.overlap:g}s > {config.upstream.bootstrap:g}s)"
+        )
     if config.storage.retention:
         try:
             if parse_duration(config.storage.retention) <= 0:
@@ -896,6 +905,8 @@ def run(
             ApiClient(
                 url_template=config.upstream.url,
                 timeout_s=config.upstream.timeout,
+                max_attempts=config.upstream.retry_attempts,
+                backoff_max_s=config.upstream.retry_max_backoff,
                 on_request=observer.upstream_request,
             )
         )
