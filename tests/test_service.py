@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -377,28 +378,68 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(start_service, pki
     assert listed.returncode == 0, listed.stderr
 
 
-@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
-def test_a_missing_tls_file_stops_start_up_with_one_clear_line(pki, tmp_path, key):
-    env = service_env(
-        **tls_env(pki, client_ca=True),
-        EDGECOM_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
-        EDGECOM_METRICS_PORT="0",
-    )
-    missing = str(tmp_path / "nowhere.pem")
-    env[f"EDGECOM_SERVER_TLS_{key.upper()}"] = missing
-    result = subprocess.run(
+def run_until_exit(tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
+    """Run a service process expected to stop by itself at start-up."""
+    defaults = {
+        "EDGECOM_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "EDGECOM_METRICS_PORT": "0",
+    }
+    return subprocess.run(
         [sys.executable, str(ROOT / "edgecom.py")],
-        env=env,
+        env=service_env(**{**defaults, **overrides}),
         capture_output=True,
         text=True,
         timeout=60,
         cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
+def test_a_missing_tls_file_stops_start_up_with_one_clear_line(pki, tmp_path, key):
+    missing = str(tmp_path / "nowhere.pem")
+    result = run_until_exit(
+        tmp_path,
+        **{**tls_env(pki, client_ca=True), f"EDGECOM_SERVER_TLS_{key.upper()}": missing},
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"edgecom: configuration error: server.tls.{key}: cannot read {missing}: "
         "No such file or directory"
     ]
+
+
+@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
+def test_a_tls_file_without_pem_content_stops_start_up_with_one_clear_line(pki, tmp_path, key):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    result = run_until_exit(
+        tmp_path,
+        **{**tls_env(pki, client_ca=True), f"EDGECOM_SERVER_TLS_{key.upper()}": str(garbage)},
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"edgecom: configuration error: server.tls.{key}: {garbage} ")
+    assert "PEM" in line
+
+
+def test_a_port_in_use_stops_start_up_with_a_log_line_not_a_traceback(tmp_path, dsn):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_until_exit(
+            tmp_path,
+            EDGECOM_DATABASE_URL=dsn,
+            EDGECOM_SERVER_HOST="127.0.0.1",
+            EDGECOM_SERVER_PORT=str(port),
+            EDGECOM_LOGGING_FORMAT="json",
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [failure] = [r for r in records if r["level"] == "error"]
+    assert failure["message"] == "cannot start"
+    assert f"cannot listen on 127.0.0.1:{port}" in failure["error"]
 
 
 # --- authentication -----------------------------------------------------------------------
