@@ -826,13 +826,20 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
 
 
 def build_interceptors(
-    config: Config, *, metrics: Metrics, cache: QueryCache
+    config: Config,
+    *,
+    metrics: Metrics,
+    cache: QueryCache,
+    cache_usable: Callable[[], bool] = lambda: True,
 ) -> tuple[grpc.ServerInterceptor, ...]:
-    """The interceptor chain, outermost first: every call passes them in this order."""
+    """The interceptor chain, outermost first: every call passes them in this order.
+
+    While cache_usable() is false, queries neither read nor fill the cache.
+    """
     assets = config.upstream.assets
 
     def cache_key(method: str, request: Any) -> CacheKey | None:
-        if method != QUERY_METHOD:
+        if method != QUERY_METHOD or not cache_usable():
             return None
         query = parse_query(request, assets)
         return CacheKey(
@@ -881,7 +888,7 @@ def run(
             )
         )
         cache = QueryCache(config.cache.size, metrics=metrics)
-        stack.enter_context(
+        listener = stack.enter_context(
             ChangeListener(
                 dsn=dsn,
                 # A change to the point at last_s must drop entries whose range holds it.
@@ -940,7 +947,14 @@ def run(
             servicer=servicer,
             health_servicer=health_servicer,
             max_workers=config.server.max_workers,
-            interceptors=build_interceptors(config, metrics=metrics, cache=cache),
+            interceptors=build_interceptors(
+                config,
+                metrics=metrics,
+                cache=cache,
+                # Writes by other replicas go unheard while the listener is not listening
+                # (before its first LISTEN, or after a drop): its cache is stale then.
+                cache_usable=lambda: listener.wait_listening(0),
+            ),
             credentials=credentials,
         )
         server.start()

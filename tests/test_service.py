@@ -267,6 +267,43 @@ def test_replicas_drop_cached_answers_that_a_write_anywhere_makes_stale(
     assert cache_counts() == (hits + 1, misses)
 
 
+def test_a_replica_whose_listener_is_down_answers_from_the_database(start_service, repository, dsn):
+    repository.upsert_points(ASSET, [(T0 + i * 900, float(i)) for i in range(8)])
+    service = start_service()
+    service.wait_serving()
+    assert wait_for(lambda: listening_replicas(dsn) == 1, timeout_s=10)
+    stub = service.stub()
+    query = request(T0, T0 + 3600, "1h", "SUM")
+    for _ in range(2):
+        assert points_of(stub.QueryTimeSeries(query)) == [(T0, 0.0 + 1 + 2 + 3)]
+
+    # Writes made while the listener is away are never heard of, so its cache cannot be
+    # trusted until it listens again.
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = %s",
+            (LISTENER_APPLICATION_NAME,),
+        )
+
+    def listener_down() -> bool:
+        lost = "change listener lost its database connection; reconnecting"
+        return any(r["message"] == lost for r in service.records())
+
+    assert wait_for(listener_down, timeout_s=5), service.log_text()
+    repository.upsert_points(ASSET, [(T0, 100.0)])
+    assert points_of(stub.QueryTimeSeries(query)) == [(T0, 100.0 + 1 + 2 + 3)]
+
+    assert wait_for(lambda: listening_replicas(dsn) == 1, timeout_s=10)
+    repository.upsert_points(ASSET, [(T0, 200.0)])
+    assert wait_for(
+        lambda: points_of(stub.QueryTimeSeries(query)) == [(T0, 200.0 + 1 + 2 + 3)],
+        timeout_s=1.0,
+    )
+    queries = [r for r in service.records() if r.get("method") == edgecom.QUERY_METHOD]
+    assert [r["cache"] for r in queries[:2]] == ["miss", "hit"]
+
+
 # --- TLS ----------------------------------------------------------------------------------
 
 
