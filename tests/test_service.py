@@ -183,6 +183,7 @@ def listening_replicas(dsn: str) -> int:
 
 
 def bucket_queries_waiting_for_a_lock(dsn: str) -> int:
+    """How many QueryTimeSeries statements on the test's database wait for a lock."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
@@ -695,6 +696,7 @@ def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(start_service,
 
         statuses = (reply.status for reply in watch)
         assert next(status for status in statuses if status != SERVING) == NOT_SERVING
+        # Left open, the watch would hold the server for the whole grace period.
         watch.cancel()
 
         def refused() -> bool:
