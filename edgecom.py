@@ -583,12 +583,19 @@ def create_server(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(service_names, server)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        # grpcio raises where it used to return 0, with no more detail than the address.
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}: the address is in use or not available")
+        reason = "the address is in use or not available"
+        if credentials is not None:
+            reason += ", or the server.tls key does not belong to the certificate"
+        raise OSError(f"cannot listen on {address}: {reason}")
     return server, port
 
 
@@ -791,6 +798,14 @@ class IngestMetrics:
         self._progress_stream.flush()
 
 
+# What each server.tls file must hold, and a line of PEM that such a file contains.
+_TLS_PEM = {
+    "cert_file": ("PEM certificate", b"-----BEGIN CERTIFICATE-----"),
+    "key_file": ("PEM private key", b"PRIVATE KEY-----"),
+    "client_ca_file": ("PEM CA certificate", b"-----BEGIN CERTIFICATE-----"),
+}
+
+
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
     """Read the TLS files named in server.tls; None when TLS is off. Raises ConfigError."""
     if not tls.cert_file and not tls.key_file and not tls.client_ca_file:
@@ -800,9 +815,14 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
 
     def read(key: str, path: str) -> bytes:
         try:
-            return Path(path).read_bytes()
+            data = Path(path).read_bytes()
         except OSError as exc:
             raise ConfigError(f"server.tls.{key}: cannot read {path}: {exc.strerror}") from None
+        # grpcio only looks at the contents when binding the port, and then says nothing useful.
+        wanted, marker = _TLS_PEM[key]
+        if marker not in data:
+            raise ConfigError(f"server.tls.{key}: {path} holds no {wanted} ({marker.decode()})")
+        return data
 
     pair = (read("key_file", tls.key_file), read("cert_file", tls.cert_file))
     if tls.client_ca_file:
@@ -815,13 +835,20 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
 
 
 def build_interceptors(
-    config: Config, *, metrics: Metrics, cache: QueryCache
+    config: Config,
+    *,
+    metrics: Metrics,
+    cache: QueryCache,
+    cache_usable: Callable[[], bool] = lambda: True,
 ) -> tuple[grpc.ServerInterceptor, ...]:
-    """The interceptor chain, outermost first: every call passes them in this order."""
+    """The interceptor chain, outermost first: every call passes them in this order.
+
+    While cache_usable() is false, queries neither read nor fill the cache.
+    """
     assets = config.upstream.assets
 
     def cache_key(method: str, request: Any) -> CacheKey | None:
-        if method != QUERY_METHOD:
+        if method != QUERY_METHOD or not cache_usable():
             return None
         query = parse_query(request, assets)
         return CacheKey(
@@ -870,7 +897,7 @@ def run(
             )
         )
         cache = QueryCache(config.cache.size, metrics=metrics)
-        stack.enter_context(
+        listener = stack.enter_context(
             ChangeListener(
                 dsn=dsn,
                 # A change to the point at last_s must drop entries whose range holds it.
@@ -931,7 +958,14 @@ def run(
             servicer=servicer,
             health_servicer=health_servicer,
             max_workers=config.server.max_workers,
-            interceptors=build_interceptors(config, metrics=metrics, cache=cache),
+            interceptors=build_interceptors(
+                config,
+                metrics=metrics,
+                cache=cache,
+                # Writes by other replicas go unheard while the listener is not listening
+                # (before its first LISTEN, or after a drop): its cache is stale then.
+                cache_usable=lambda: listener.wait_listening(0),
+            ),
             credentials=credentials,
         )
         server.start()

@@ -534,7 +534,9 @@ class ChangeListener:
     Every replica runs one, so a write through any replica reaches them all. The connection
     is not from a pool: it stays in LISTEN for the life of the listener. When it drops, the
     listener reconnects with exponential backoff, and because notifications sent while it
-    was away are lost, calls `on_reconnect` once LISTEN is active again.
+    was away are lost, calls `on_reconnect` once LISTEN is active again. wait_listening(0)
+    tells whether changes are heard right now: it turns true again only after on_reconnect
+    has returned.
     """
 
     def __init__(
@@ -619,6 +621,10 @@ class ChangeListener:
                 delay_s = min(delay_s * 2, self._max_reconnect_delay_s)
                 continue
             try:
+                if listened_before:
+                    # Before the flag goes up: whoever trusts it must not see what was
+                    # cached while no notification could arrive.
+                    self._call("on_reconnect", self._on_reconnect)
                 self._set_listening(True)
                 if down_since is None:
                     log.info("change listener listening", extra={"channel": NOTIFY_CHANNEL})
@@ -631,18 +637,19 @@ class ChangeListener:
                             "failed_attempts": failures,
                         },
                     )
-                if listened_before:
-                    self._call("on_reconnect", self._on_reconnect)
                 listened_before = True
                 down_since, failures, delay_s = None, 0, self._reconnect_delay_s
                 self._receive(conn)
             except psycopg.Error as exc:
+                # Down before the warning is out, so that whoever reads it finds it down.
+                self._set_listening(False)
                 log.warning(
                     "change listener lost its database connection; reconnecting",
                     extra={"error": str(exc).strip(), "retry_in_s": delay_s},
                 )
                 down_since = time.monotonic()
             except Exception:
+                self._set_listening(False)
                 log.exception("change listener failed; reconnecting")
                 down_since = time.monotonic()
             finally:

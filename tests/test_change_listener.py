@@ -200,7 +200,7 @@ def test_a_terminated_connection_is_reopened_and_reported_once(repository, dsn, 
 
         assert terminate_listener(dsn) == 1
         assert wait_for(lambda: recorder.reconnects >= 1, timeout_s=5.0)
-        assert listener.wait_listening(0)
+        assert listener.wait_listening(5)
         [second_backend] = listener_backends(dsn)
         assert second_backend != first_backend
 

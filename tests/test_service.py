@@ -1,0 +1,721 @@
+"""The service as a process (`python edgecom.py`): cache across replicas, TLS, auth, metrics,
+request logs and graceful shutdown, with real clients on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from conftest import ASSET, ROOT, wait_for
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from test_edgecom import free_port, points_of, request, status_of
+from test_repository import DAY, T0
+
+import edgecom
+from repository import LISTENER_APPLICATION_NAME
+from simulator import Faults, Simulator
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+# Generous: a process needs a couple of seconds to import grpc and compile the proto.
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+class ServiceProcess:
+    """`python edgecom.py` configured by EDGECOM_* variables, logging JSON lines to a file.
+
+    The gRPC port is 0 and read back from the "serving" log line, so parallel test runs never
+    compete for a port.
+    """
+
+    def __init__(self, log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self._channels: list[grpc.Channel] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "edgecom.py")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            cwd=log_path.parent,
+        )
+        self.address = ""
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every JSON log line written so far, in order."""
+        # The last piece is empty, or a line still being written.
+        lines = self.log_path.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_serving(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Block until the process listens and its health check says SERVING."""
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, f"edgecom exited early:\n{self.log_text()}"
+            return any(r["message"] == "serving" for r in self.records())
+
+        assert wait_for(listening, timeout_s=START_TIMEOUT_S), self.log_text()
+        [serving] = [r for r in self.records() if r["message"] == "serving"]
+        self.address = serving["address"]
+        health_stub = health_pb2_grpc.HealthStub(self.channel(credentials))
+
+        def healthy() -> bool:
+            try:
+                reply = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+            return reply.status == SERVING
+
+        assert wait_for(healthy, timeout_s=START_TIMEOUT_S), self.log_text()
+
+    def channel(self, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+        """A new channel to the service, closed with the process."""
+        if credentials is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            channel = grpc.secure_channel(self.address, credentials)
+        self._channels.append(channel)
+        return channel
+
+    def stub(self, credentials: grpc.ChannelCredentials | None = None) -> Any:
+        return edgecom.services.TimeSeriesServiceStub(self.channel(credentials))
+
+    def close(self) -> None:
+        """Stop the process as an orchestrator would: SIGTERM, then SIGKILL if it hangs."""
+        for channel in self._channels:
+            channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def service_env(**overrides: str) -> dict[str, str]:
+    """The environment of a service process: ours without EDGECOM_* settings, plus overrides."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("EDGECOM_")}
+    return {**env, **overrides}
+
+
+@pytest.fixture
+def upstream() -> Iterator[Simulator]:
+    """An upstream that knows no asset: ingestion writes nothing, so only the test does.
+
+    Every write to an asset stops the caching of that asset's queries running meanwhile,
+    so writes by ingestion would make cache hits and misses depend on timing.
+    """
+    with Simulator(faults=Faults(not_found_assets={ASSET})) as sim:
+        yield sim
+
+
+@pytest.fixture
+def start_service(
+    dsn: str, tmp_path: Path, upstream: Simulator
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start service processes on the test's database; all are stopped after the test.
+
+    Ingestion asks `upstream` for one hour and gets nothing, and nothing is rate limited,
+    unless the overrides say otherwise.
+    """
+    started: list[ServiceProcess] = []
+
+    def start(name: str = "edgecom", **overrides: str) -> ServiceProcess:
+        defaults = {
+            "EDGECOM_DATABASE_URL": dsn,
+            "EDGECOM_SERVER_HOST": "127.0.0.1",
+            "EDGECOM_SERVER_PORT": "0",
+            "EDGECOM_METRICS_PORT": "0",
+            "EDGECOM_LOGGING_FORMAT": "json",
+            "EDGECOM_UPSTREAM_URL": upstream.url_template,
+            "EDGECOM_UPSTREAM_BOOTSTRAP": "1h",
+            "EDGECOM_RATE_LIMIT_RPS": "0",
+        }
+        env = service_env(**{**defaults, **overrides})
+        service = ServiceProcess(tmp_path / f"{name}.log", env)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.close()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples served at /metrics, keyed by (sample name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def listening_replicas(dsn: str) -> int:
+    """How many change listeners have LISTEN active on the test's database."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = %s AND query LIKE 'LISTEN%%'",
+            (LISTENER_APPLICATION_NAME,),
+        ).fetchone()[0]
+
+
+def bucket_queries_waiting_for_a_lock(dsn: str) -> int:
+    """How many QueryTimeSeries statements on the test's database wait for a lock."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+            " AND query LIKE '%%date_bin%%'"
+        ).fetchone()[0]
+
+
+def lock_points(dsn: str) -> psycopg.Connection:
+    """A connection whose open transaction holds points in ACCESS EXCLUSIVE mode.
+
+    Every query of points waits until the transaction ends (rollback() or close()).
+    """
+    blocker = psycopg.connect(dsn)
+    blocker.execute("LOCK TABLE points IN ACCESS EXCLUSIVE MODE")
+    return blocker
+
+
+# --- cache across replicas ----------------------------------------------------------------
+
+
+def test_replicas_drop_cached_answers_that_a_write_anywhere_makes_stale(
+    start_service, repository, dsn
+):
+    repository.upsert_points(ASSET, [(T0 + i * 900, float(i)) for i in range(24)])
+    metrics_port = free_port()
+    a = start_service("a")
+    b = start_service("b", EDGECOM_METRICS_PORT=str(metrics_port))
+    a.wait_serving()
+    b.wait_serving()
+    # A write is only heard by a replica that already LISTENs.
+    assert wait_for(lambda: listening_replicas(dsn) == 2, timeout_s=10)
+    stub_a, stub_b = a.stub(), b.stub()
+
+    def cache_counts() -> tuple[float, float]:
+        """B's cache hits and misses so far."""
+        samples = scrape(metrics_port)
+        hits = samples[("edgecom_cache_hits_total", ())]
+        return hits, samples[("edgecom_cache_misses_total", ())]
+
+    first_two_hours = request(T0, T0 + 7200, "1h", "SUM")
+    later_hour = request(T0 + 4 * 3600, T0 + 5 * 3600, "1h", "SUM")
+    expected = [(T0, 0.0 + 1 + 2 + 3), (T0 + 3600, 4.0 + 5 + 6 + 7)]
+    for stub in (stub_a, stub_b, stub_b):
+        assert points_of(stub.QueryTimeSeries(first_two_hours)) == expected
+    assert points_of(stub_b.QueryTimeSeries(later_hour)) == [(T0 + 4 * 3600, 16.0 + 17 + 18 + 19)]
+    assert cache_counts() == (1, 2)
+
+    # A hit does not touch the database: it answers while points is locked, when a query
+    # that is not cached waits for the lock until its deadline.
+    blocker = lock_points(dsn)
+    try:
+        assert points_of(stub_b.QueryTimeSeries(first_two_hours, timeout=30)) == expected
+        code, _ = status_of(
+            lambda: stub_b.QueryTimeSeries(request(T0, T0 + DAY, "1d", "SUM"), timeout=0.5)
+        )
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        blocker.close()
+    assert cache_counts() == (2, 3)
+
+    # A write through the path ingestion uses, as another replica's ingestion would make it,
+    # reaches both replicas' caches within a second.
+    repository.upsert_points(ASSET, [(T0 + 900, 100.0)])
+    changed = [(T0, 0.0 + 100 + 2 + 3), (T0 + 3600, 4.0 + 5 + 6 + 7)]
+    for stub in (stub_a, stub_b):
+        assert wait_for(
+            lambda stub=stub: points_of(stub.QueryTimeSeries(first_two_hours)) == changed,
+            timeout_s=1.0,
+        )
+
+    # A write outside a cached range leaves the entry alone. B answered the change from the
+    # database, but may have heard of the write only after storing that answer: ask until a
+    # hit shows the entry is back.
+    def b_answers_from_its_cache() -> bool:
+        hits = cache_counts()[0]
+        assert points_of(stub_b.QueryTimeSeries(first_two_hours)) == changed
+        return cache_counts()[0] == hits + 1
+
+    assert wait_for(b_answers_from_its_cache, timeout_s=5)
+    # Notifications arrive in commit order, so once B has dropped later_hour for the second
+    # write, it has seen the first.
+    repository.upsert_points(ASSET, [(T0 + 3 * 3600, 50.0)])
+    repository.upsert_points(ASSET, [(T0 + 4 * 3600, 50.0)])
+    assert wait_for(
+        lambda: (
+            points_of(stub_b.QueryTimeSeries(later_hour)) == [(T0 + 4 * 3600, 50.0 + 17 + 18 + 19)]
+        ),
+        timeout_s=1.0,
+    )
+    assert b_answers_from_its_cache()
+
+
+def test_a_replica_whose_listener_is_down_answers_from_the_database(start_service, repository, dsn):
+    repository.upsert_points(ASSET, [(T0 + i * 900, float(i)) for i in range(8)])
+    service = start_service()
+    service.wait_serving()
+    assert wait_for(lambda: listening_replicas(dsn) == 1, timeout_s=10)
+    stub = service.stub()
+    query = request(T0, T0 + 3600, "1h", "SUM")
+    for _ in range(2):
+        assert points_of(stub.QueryTimeSeries(query)) == [(T0, 0.0 + 1 + 2 + 3)]
+
+    # Writes made while the listener is away are never heard of, so its cache cannot be
+    # trusted until it listens again.
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = %s",
+            (LISTENER_APPLICATION_NAME,),
+        )
+
+    def listener_down() -> bool:
+        lost = "change listener lost its database connection; reconnecting"
+        return any(r["message"] == lost for r in service.records())
+
+    assert wait_for(listener_down, timeout_s=5), service.log_text()
+    repository.upsert_points(ASSET, [(T0, 100.0)])
+    assert points_of(stub.QueryTimeSeries(query)) == [(T0, 100.0 + 1 + 2 + 3)]
+
+    assert wait_for(lambda: listening_replicas(dsn) == 1, timeout_s=10)
+    repository.upsert_points(ASSET, [(T0, 200.0)])
+    assert wait_for(
+        lambda: points_of(stub.QueryTimeSeries(query)) == [(T0, 200.0 + 1 + 2 + 3)],
+        timeout_s=1.0,
+    )
+    queries = [r for r in service.records() if r.get("method") == edgecom.QUERY_METHOD]
+    assert [r["cache"] for r in queries[:2]] == ["miss", "hit"]
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+class Pki:
+    """A test CA with a server certificate for localhost/127.0.0.1 and a client certificate."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        self._openssl(
+            "req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=edgecom test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+        extensions = {
+            "server": "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            "client": "extendedKeyUsage=clientAuth\n",
+        }
+        for name, text in extensions.items():
+            (directory / f"{name}.ext").write_text(text)
+            self._openssl(
+                "req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN=edgecom test {name}",
+            )  # fmt: skip
+            self._openssl(
+                "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+            )  # fmt: skip
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def read(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
+
+    def _openssl(self, *args: str) -> None:
+        result = subprocess.run(
+            ["openssl", *args], cwd=self.dir, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    assert subprocess.run(["openssl", "version"], capture_output=True).returncode == 0, (
+        "the openssl command is needed to make test certificates"
+    )
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_env(pki: Pki, *, client_ca: bool = False) -> dict[str, str]:
+    env = {
+        "EDGECOM_SERVER_TLS_CERT_FILE": pki.path("server.pem"),
+        "EDGECOM_SERVER_TLS_KEY_FILE": pki.path("server.key"),
+    }
+    if client_ca:
+        env["EDGECOM_SERVER_TLS_CLIENT_CA_FILE"] = pki.path("ca.pem")
+    return env
+
+
+def health_status(channel: grpc.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(start_service, pki, grpcurl):
+    service = start_service(**tls_env(pki))
+    trusted = grpc.ssl_channel_credentials(root_certificates=pki.read("ca.pem"))
+    service.wait_serving(trusted)
+    assert list(service.stub(trusted).QueryTimeSeries(request(T0, T0 + DAY)).data) == []
+
+    code, _ = status_of(lambda: health_status(service.channel()))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    # The system's trust store does not know the test CA.
+    code, _ = status_of(lambda: health_status(service.channel(grpc.ssl_channel_credentials())))
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+    listed = subprocess.run(
+        [grpcurl, "-cacert", pki.path("ca.pem"), service.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "edgecom.TimeSeriesService" in listed.stdout.split()
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(start_service, pki, grpcurl):
+    service = start_service(**tls_env(pki, client_ca=True))
+    with_cert = grpc.ssl_channel_credentials(
+        root_certificates=pki.read("ca.pem"),
+        private_key=pki.read("client.key"),
+        certificate_chain=pki.read("client.pem"),
+    )
+    service.wait_serving(with_cert)
+    assert list(service.stub(with_cert).QueryTimeSeries(request(T0, T0 + DAY)).data) == []
+
+    without_cert = grpc.ssl_channel_credentials(root_certificates=pki.read("ca.pem"))
+    code, _ = status_of(lambda: health_status(service.channel(without_cert)))
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+    # Only with a certificate: grpcurl without one redials until its 10 s connect timeout.
+    tls_flags = ["-cacert", pki.path("ca.pem")]
+    tls_flags += ["-cert", pki.path("client.pem"), "-key", pki.path("client.key")]
+    listed = subprocess.run(
+        [grpcurl, *tls_flags, service.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert listed.returncode == 0, listed.stderr
+
+
+def run_until_exit(tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
+    """Run a service process expected to stop by itself at start-up."""
+    defaults = {
+        "EDGECOM_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "EDGECOM_METRICS_PORT": "0",
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "edgecom.py")],
+        env=service_env(**{**defaults, **overrides}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
+def test_a_missing_tls_file_stops_start_up_with_one_clear_line(pki, tmp_path, key):
+    missing = str(tmp_path / "nowhere.pem")
+    result = run_until_exit(
+        tmp_path,
+        **{**tls_env(pki, client_ca=True), f"EDGECOM_SERVER_TLS_{key.upper()}": missing},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"edgecom: configuration error: server.tls.{key}: cannot read {missing}: "
+        "No such file or directory"
+    ]
+
+
+@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
+def test_a_tls_file_without_pem_content_stops_start_up_with_one_clear_line(pki, tmp_path, key):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    result = run_until_exit(
+        tmp_path,
+        **{**tls_env(pki, client_ca=True), f"EDGECOM_SERVER_TLS_{key.upper()}": str(garbage)},
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"edgecom: configuration error: server.tls.{key}: {garbage} ")
+    assert "PEM" in line
+
+
+def test_a_port_in_use_stops_start_up_with_a_log_line_not_a_traceback(tmp_path, dsn):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_until_exit(
+            tmp_path,
+            EDGECOM_DATABASE_URL=dsn,
+            EDGECOM_SERVER_HOST="127.0.0.1",
+            EDGECOM_SERVER_PORT=str(port),
+            EDGECOM_LOGGING_FORMAT="json",
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [failure] = [r for r in records if r["level"] == "error"]
+    assert failure["message"] == "cannot start"
+    assert f"cannot listen on 127.0.0.1:{port}" in failure["error"]
+
+
+# --- authentication -----------------------------------------------------------------------
+
+
+def test_bearer_tokens_guard_queries_but_not_health_or_reflection(start_service, grpcurl):
+    service = start_service(EDGECOM_AUTH_TOKENS="tok1,tok2")
+    service.wait_serving()
+    stub = service.stub()
+    query = request(T0, T0 + DAY)
+
+    for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "tok1"),)):
+        code, details = status_of(
+            lambda metadata=metadata: stub.QueryTimeSeries(query, metadata=metadata)
+        )
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer <token>" in details
+    for token in ("tok1", "tok2"):
+        reply = stub.QueryTimeSeries(query, metadata=(("authorization", f"Bearer {token}"),))
+        assert list(reply.data) == []
+    assert health_status(service.channel()) == SERVING
+
+    def run_grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30
+        )
+
+    listed = run_grpcurl(service.address, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "edgecom.TimeSeriesService" in listed.stdout.split()
+    body = json.dumps(
+        {
+            "start": "2023-11-15T00:00:00Z",
+            "end": "2023-11-16T00:00:00Z",
+            "window": "1h",
+            "aggregation": "avg",
+        }
+    )
+    method = "edgecom.TimeSeriesService/QueryTimeSeries"
+    refused = run_grpcurl("-d", body, service.address, method)
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+    answered = run_grpcurl("-H", "authorization: Bearer tok2", "-d", body, service.address, method)
+    assert answered.returncode == 0, answered.stderr
+    assert json.loads(answered.stdout) == {}
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    with Simulator() as sim:
+        yield sim
+
+
+BURST = 3
+
+
+def test_metrics_endpoint_reports_calls_cache_rate_limit_and_ingestion(
+    start_service, simulator, repository
+):
+    metrics_port = free_port()
+    before = time.time()
+    service = start_service(
+        EDGECOM_UPSTREAM_URL=simulator.url_template,
+        EDGECOM_METRICS_PORT=str(metrics_port),
+        EDGECOM_UPSTREAM_BOOTSTRAP="2d",
+        # BURST calls, then one token every 1000 s: the next call is refused whatever the pace.
+        EDGECOM_RATE_LIMIT_RPS="0.001",
+        EDGECOM_RATE_LIMIT_BURST=str(BURST),
+    )
+    service.wait_serving()
+
+    def coverage() -> float | None:
+        return scrape(metrics_port).get(("edgecom_coverage_ratio", (("asset_id", ASSET),)))
+
+    assert wait_for(lambda: coverage() == 1.0, timeout_s=30), service.log_text()
+    stub = service.stub()
+    now = int(time.time())
+    query = request(now - 2 * DAY, now, "1h", "AVG")
+    first = stub.QueryTimeSeries(query)
+    assert len(first.data) >= 47, "two days of ingested points, in hourly buckets"
+    for _ in range(BURST - 1):
+        assert stub.QueryTimeSeries(query) == first
+    code, details = status_of(lambda: stub.QueryTimeSeries(query))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry in" in details
+    samples = scrape(metrics_port)
+    after = time.time()
+
+    def value(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        assert key in samples, f"{key} not in {sorted(samples)}"
+        return samples[key]
+
+    method = edgecom.QUERY_METHOD
+    assert value("edgecom_grpc_requests_total", method=method, code="OK") == BURST
+    assert value("edgecom_grpc_requests_total", method=method, code="RESOURCE_EXHAUSTED") == 1
+    assert value("edgecom_grpc_requests_total", method=HEALTH_METHOD, code="OK") >= 1
+    assert value("edgecom_grpc_request_duration_seconds_count", method=method) == BURST + 1
+    assert value("edgecom_grpc_request_duration_seconds_bucket", method=method, le="+Inf") == (
+        BURST + 1
+    )
+    # The first answer is not stored when ingestion's last write is heard while it runs, so
+    # the split between hits and misses is read from the request log.
+    looked_up = [r["cache"] for r in service.records() if r.get("method") == method]
+    assert looked_up[0] == "miss" and "hit" in looked_up
+    assert value("edgecom_cache_hits_total") == looked_up.count("hit")
+    assert value("edgecom_cache_misses_total") == looked_up.count("miss")
+    assert value("edgecom_cache_entries") == 1
+    assert value("edgecom_rate_limited_total") == 1
+
+    # Ingestion: what the simulator served is what was counted and what the database holds.
+    fetches = [r for r in simulator.requests if r.asset_id == ASSET]
+    assert fetches and all(r.status == 200 for r in fetches)
+    served = sum(len(simulator.points(ASSET, r.start_s, r.end_s)) for r in fetches)
+    stored = repository.asset_status([ASSET], start_s=0, end_s=int(after))[0].points
+    assert served == stored >= 2 * 96
+    assert value("edgecom_ingested_points_total", asset_id=ASSET) == served
+    assert value("edgecom_skipped_points_total", asset_id=ASSET) == 0
+    assert value("edgecom_upstream_requests_total", asset_id=ASSET, outcome="ok") == len(fetches)
+    assert value("edgecom_upstream_request_duration_seconds_count") == len(fetches)
+    assert before <= value("edgecom_last_successful_fetch_timestamp_seconds", asset_id=ASSET)
+    assert value("edgecom_last_successful_fetch_timestamp_seconds", asset_id=ASSET) <= after
+    assert value("edgecom_coverage_ratio", asset_id=ASSET) == 1.0
+
+
+# --- request log --------------------------------------------------------------------------
+
+
+def test_each_call_logs_one_json_line_with_the_request_id_it_returns(start_service):
+    service = start_service()
+    service.wait_serving()
+    stub = service.stub()
+    query = request(T0, T0 + DAY)
+
+    reply, ok = stub.QueryTimeSeries.with_call(query, metadata=(("x-request-id", "req-ok-1"),))
+    _, hit = stub.QueryTimeSeries.with_call(query, metadata=(("x-request-id", "req-ok-2"),))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.QueryTimeSeries(
+            request(T0, T0 + DAY, window="2w"), metadata=(("x-request-id", "req-bad"),)
+        )
+    _, anonymous = stub.QueryTimeSeries.with_call(request(T0, T0 + 3600))
+
+    def trailer(call: grpc.Call) -> str | None:
+        return dict(call.trailing_metadata() or ()).get("x-request-id")
+
+    assert trailer(ok) == "req-ok-1"
+    assert trailer(hit) == "req-ok-2"
+    assert trailer(refused.value) == "req-bad"
+    generated = trailer(anonymous)
+    assert generated is not None and len(generated) == 32
+    int(generated, 16)
+
+    def rpc_lines(request_id: str) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in service.records()
+            if r["message"] == "rpc" and r.get("request_id") == request_id
+        ]
+
+    assert wait_for(lambda: rpc_lines(generated), timeout_s=5), service.log_text()
+    lines = {rid: rpc_lines(rid) for rid in ("req-ok-1", "req-ok-2", "req-bad", generated)}
+    assert all(len(found) == 1 for found in lines.values()), lines
+    (first,) = lines["req-ok-1"]
+    assert first["method"] == edgecom.QUERY_METHOD
+    assert first["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))
+    assert first["code"] == "OK"
+    assert first["duration_ms"] >= 0
+    assert (first["cache"], first["points"]) == ("miss", len(reply.data))
+    assert (lines["req-ok-2"][0]["cache"], lines["req-ok-2"][0]["code"]) == ("hit", "OK")
+    assert lines["req-bad"][0]["code"] == "INVALID_ARGUMENT"
+    assert lines[generated][0]["code"] == "OK"
+
+
+# --- graceful shutdown --------------------------------------------------------------------
+
+IN_FLIGHT = 20
+GRACE_S = 10
+
+
+def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(start_service, dsn, repository):
+    repository.upsert_points(ASSET, [(T0 + i * 900, float(i)) for i in range(96)])
+    service = start_service(
+        EDGECOM_SERVER_GRACE_PERIOD=f"{GRACE_S}s",
+        EDGECOM_SERVER_MAX_WORKERS=str(IN_FLIGHT + 12),
+        EDGECOM_DATABASE_MAX_CONNECTIONS=str(IN_FLIGHT + 5),
+    )
+    service.wait_serving()
+    stub = service.stub()
+    health_stub = health_pb2_grpc.HealthStub(service.channel())
+    watch = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+    assert next(watch).status == SERVING
+
+    blocker = lock_points(dsn)
+    try:
+        # Distinct ranges, so no call could be answered from another's cached result.
+        calls = [
+            stub.QueryTimeSeries.future(request(T0, T0 + (i + 1) * 3600, "1h", "SUM"), timeout=60)
+            for i in range(IN_FLIGHT)
+        ]
+        assert wait_for(lambda: bucket_queries_waiting_for_a_lock(dsn) == IN_FLIGHT, timeout_s=20)
+        service.proc.send_signal(signal.SIGTERM)
+
+        statuses = (reply.status for reply in watch)
+        assert next(status for status in statuses if status != SERVING) == NOT_SERVING
+        # Left open, the watch would hold the server for the whole grace period.
+        watch.cancel()
+
+        def refused() -> bool:
+            try:
+                health_stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.RpcError as exc:
+                return exc.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+
+        assert wait_for(refused, timeout_s=5), service.log_text()
+        code, _ = status_of(lambda: stub.QueryTimeSeries(request(T0, T0 + DAY), timeout=5))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert not any(call.done() for call in calls)
+    finally:
+        blocker.close()
+
+    replies = [call.result() for call in calls]
+    assert [len(reply.data) for reply in replies] == list(range(1, IN_FLIGHT + 1))
+    assert service.proc.wait(GRACE_S + 20) == 0, service.log_text()
+    messages = [r["message"] for r in service.records()]
+    assert messages.index("shutdown requested") < messages.index("server stopped")
+    assert messages[-1] == "stopped"
