@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,13 @@ from types import TracebackType
 from urllib.parse import quote, urlsplit
 
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_when_event_set,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +169,7 @@ class ApiClient:
         backoff_max_s: float = BACKOFF_MAX_S,
         user_agent: str = f"edgecom/{VERSION}",
         on_request: Callable[[str, str, float], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         validate_url_template(url_template)
         if timeout_s <= 0:
@@ -189,9 +197,13 @@ class ApiClient:
             headers={"User-Agent": user_agent, "Accept": "application/json"},
             follow_redirects=True,
         )
+        # Once `stop` is set (the service is shutting down) no further attempt starts and
+        # a backoff wait ends at once, so a failing upstream cannot hold up the exit.
+        self._stop = stop or threading.Event()
         self._retrying = Retrying(
-            stop=stop_after_attempt(max_attempts),
+            stop=stop_after_attempt(max_attempts) | stop_when_event_set(self._stop),
             wait=self._wait_s,
+            sleep=self._stop.wait,
             retry=retry_if_exception(_is_retryable),
             before_sleep=_log_retry,
             reraise=True,
@@ -221,9 +233,16 @@ class ApiClient:
         # Merge, because httpx's params= would drop a query string the template carries.
         call = _Call(asset_id, start_q, end_q, httpx.URL(filled).copy_merge_params(params))
         # A copy per fetch: a Retrying keeps per-run state and the client is shared by threads.
+        last_error: UpstreamError | None = None
         for attempt in self._retrying.copy():
+            if last_error is not None and self._stop.is_set():
+                raise last_error
             with attempt:
-                items = self._attempt(call, attempt.retry_state.attempt_number)
+                try:
+                    items = self._attempt(call, attempt.retry_state.attempt_number)
+                except UpstreamError as exc:
+                    last_error = exc
+                    raise
         return self._collect(call, items)
 
     def close(self) -> None:

@@ -935,6 +935,7 @@ def run(
                 max_attempts=config.upstream.retry_attempts,
                 backoff_max_s=config.upstream.retry_max_backoff,
                 on_request=observer.upstream_request,
+                stop=stop,
             )
         )
         ingestor = Ingestor(

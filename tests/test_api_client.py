@@ -526,3 +526,22 @@ def test_close_is_idempotent(sim: Simulator) -> None:
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
         client.fetch(ASSET, *DAY)
+
+
+def test_stop_event_ends_retries_at_once():
+    stop = threading.Event()
+    with (
+        Simulator(faults=Faults(outage=True)).start() as sim,
+        ApiClient(
+            url_template=sim.url_template,
+            max_attempts=50,
+            backoff_initial_s=5,
+            backoff_max_s=5,
+            stop=stop,
+        ) as client,
+    ):
+        threading.Timer(0.5, stop.set).start()
+        with pytest.raises(UpstreamError):
+            client.fetch(ASSET, *DAY)
+        # One attempt before the stop, none after: the 5 s backoff was cut short.
+        assert len(sim.requests) == 1
