@@ -30,6 +30,7 @@ from interceptors import (
     AuthInterceptor,
     CacheInterceptor,
     CacheKey,
+    DrainInterceptor,
     MetricsInterceptor,
     QueryCache,
     RateLimitInterceptor,
@@ -839,6 +840,7 @@ def build_interceptors(
     *,
     metrics: Metrics,
     cache: QueryCache,
+    drain: DrainInterceptor,
     cache_usable: Callable[[], bool] = lambda: True,
 ) -> tuple[grpc.ServerInterceptor, ...]:
     """The interceptor chain, outermost first: every call passes them in this order.
@@ -856,6 +858,8 @@ def build_interceptors(
         )
 
     return (
+        # Outside the rest, so that every call it counts is also seen to its end.
+        drain,
         RequestLogInterceptor(),
         MetricsInterceptor(metrics),
         AuthInterceptor(config.auth.tokens),
@@ -954,6 +958,7 @@ def run(
             max_points=config.query.max_points,
             window=ingestor.window,
         )
+        drain = DrainInterceptor()
         server, port = create_server(
             address=f"{config.server.host}:{config.server.port}",
             servicer=servicer,
@@ -966,6 +971,7 @@ def run(
                 # Writes by other replicas go unheard while the listener is not listening
                 # (before its first LISTEN, or after a drop): its cache is stale then.
                 cache_usable=lambda: listener.wait_listening(0),
+                drain=drain,
             ),
             credentials=credentials,
         )
@@ -995,7 +1001,12 @@ def run(
         stop.wait()
         # Probes see NOT_SERVING first, so load balancers stop sending before the port closes.
         health_servicer.enter_graceful_shutdown()
-        server.stop(config.server.grace_period).wait()
+        stopped = server.stop(config.server.grace_period)
+        # Calls get the whole grace period, but once none is left, open-ended health Watch
+        # streams need not hold the exit: a smaller grace makes grpcio stop at once.
+        if drain.wait_idle(config.server.grace_period):
+            server.stop(0)
+        stopped.wait()
         log.info("server stopped")
 
 

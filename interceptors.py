@@ -28,6 +28,7 @@ AUTHORIZATION_KEY = "authorization"
 # Health probes and reflection must work without credentials and never be throttled, so that
 # load balancers and grpcurl keep working while clients are refused.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+HEALTH_WATCH_METHOD = "/grpc.health.v1.Health/Watch"
 
 # A client-sent request id is echoed into logs and trailers, so only short printable ones are kept.
 _REQUEST_ID_RE = re.compile(r"[!-~]{1,128}")
@@ -493,6 +494,55 @@ class QueryCache:
     def _update_gauge(self) -> None:
         if self._metrics is not None:
             self._metrics.cache_entries.set(len(self._entries))
+
+
+class DrainInterceptor(_WrappingInterceptor):
+    """Counts the calls in flight, so that shutdown can end as soon as the last one is done.
+
+    A call counts from its arrival, before it waits for a worker thread, to its end. Health
+    Watch streams are left out: they last until the client leaves, and would otherwise hold
+    every shutdown for the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._idle = threading.Condition()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = super().intercept_service(continuation, handler_call_details)
+        if handler is not None and self._applies_to(handler_call_details.method, handler):
+            # Counted here, on arrival: a call queued for a busy worker is in flight too.
+            with self._idle:
+                self._active += 1
+        return handler
+
+    @property
+    def active(self) -> int:
+        """Calls that arrived and have not ended yet."""
+        with self._idle:
+            return self._active
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no counted call is in flight, or timeout_s passes; returns whether idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout_s)
+
+    def _applies_to(self, method: str, handler: grpc.RpcMethodHandler) -> bool:
+        return method != HEALTH_WATCH_METHOD
+
+    def _around(
+        self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
+    ) -> Iterator[Any]:
+        try:
+            yield from proceed()
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
 
 
 class CacheInterceptor(_WrappingInterceptor):
