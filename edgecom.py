@@ -13,10 +13,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import zoneinfo
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api_client import BACKOFF_MAX_S, RETRY_ATTEMPTS, ApiClient, validate_url_template
+from buckets import FILLS, Buckets, Window, fill_gaps
 from interceptors import (
     AuthInterceptor,
     CacheInterceptor,
@@ -39,12 +42,15 @@ from interceptors import (
 from metrics import Metrics, start_metrics_server
 from repository import (
     AGGREGATIONS,
+    Bucket,
+    BucketGrid,
     Cancellation,
     ChangeListener,
     DatabaseUnavailable,
     EmbeddedPostgres,
     QueryCancelled,
     Repository,
+    Snapshot,
 )
 from scheduler import STEP_S, Ingestor, Progress, Scheduler
 from simulator import Simulator
@@ -54,6 +60,8 @@ VERSION = "0.1.0"
 SERVICE_NAME = "edgecom.TimeSeriesService"
 QUERY_METHOD = f"/{SERVICE_NAME}/QueryTimeSeries"
 MAX_WINDOW_S = 366 * 86400
+MAX_WINDOW_WEEKS = 52
+MAX_WINDOW_MONTHS = 12
 # How often the health watch re-checks the database once it is up.
 HEALTH_CHECK_INTERVAL_S = 5.0
 
@@ -145,6 +153,7 @@ class DatabaseConfig:
 @dataclass(frozen=True)
 class QueryConfig:
     max_points: int = 100000
+    page_points: int = 10000
 
 
 @dataclass(frozen=True)
@@ -317,6 +326,7 @@ def _validate(config: Config) -> None:
         "upstream.bootstrap": config.upstream.bootstrap,
         "database.max_connections": config.database.max_connections,
         "query.max_points": config.query.max_points,
+        "query.page_points": config.query.page_points,
         "storage.compress_after": config.storage.compress_after,
     }
     for key, value in positive.items():
@@ -385,9 +395,37 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 # --- queries -------------------------------------------------------------------------------
 
 
-_WINDOW_RE = re.compile(r"^([1-9]\d*)([mhd])$")
+_WINDOW_RE = re.compile(r"^([1-9]\d*)(mo|[mhdw])$")
 _WINDOW_UNITS = {"m": 60, "h": 3600, "d": 86400}
-ACCEPTED_WINDOWS = '"1m", "5m", "15m", "1h", "1d" or any "<N>m", "<N>h", "<N>d" up to 366d'
+ACCEPTED_WINDOWS = (
+    '"1m", "5m", "15m", "1h", "1d", "1w" (weeks from Monday), "1mo" (calendar months), '
+    'or any "<N>m", "<N>h", "<N>d" up to 366d, "<N>w" up to 52w, "<N>mo" up to 12mo'
+)
+# Names of UTC in the IANA database: they all mean the service's original, epoch-aligned
+# buckets, and share one cache key.
+_UTC_NAMES = frozenset(
+    {
+        "",
+        "UTC",
+        "Etc/UTC",
+        "UCT",
+        "Etc/UCT",
+        "Universal",
+        "Etc/Universal",
+        "Zulu",
+        "Etc/Zulu",
+        "GMT",
+        "Etc/GMT",
+        "GMT0",
+        "Etc/GMT0",
+        "GMT+0",
+        "Etc/GMT+0",
+        "GMT-0",
+        "Etc/GMT-0",
+        "Greenwich",
+        "Etc/Greenwich",
+    }
+)
 
 
 class InvalidRequest(ValueError):
@@ -402,13 +440,29 @@ class TooManyPoints(Exception):
     """The answer would exceed query.max_points."""
 
 
-def parse_window(window: str) -> int:
-    """Return the length of a window such as `5m`, `1h` or `1d` in seconds."""
+def parse_bucket_window(window: str) -> Window:
+    """Parse `5m`, `1h`, `1d`, `1w`, `1mo` and their multiples into a Window."""
     match = _WINDOW_RE.match(window.strip().lower())
-    seconds = int(match.group(1)) * _WINDOW_UNITS[match.group(2)] if match else 0
-    if not match or seconds > MAX_WINDOW_S:
-        raise InvalidRequest(f"unknown window {window!r}: use {ACCEPTED_WINDOWS}")
-    return seconds
+    if match:
+        count, unit = int(match.group(1)), match.group(2)
+        if unit in _WINDOW_UNITS and count * _WINDOW_UNITS[unit] <= MAX_WINDOW_S:
+            return Window(count * _WINDOW_UNITS[unit], "s")
+        if unit == "w" and count <= MAX_WINDOW_WEEKS:
+            return Window(count, "w")
+        if unit == "mo" and count <= MAX_WINDOW_MONTHS:
+            return Window(count, "mo")
+    raise InvalidRequest(f"unknown window {window!r}: use {ACCEPTED_WINDOWS}")
+
+
+def parse_window(window: str) -> int:
+    """Return the length of a window such as `5m`, `1h` or `1d` in seconds.
+
+    Raises InvalidRequest for calendar weeks and months, which have no fixed length.
+    """
+    parsed = parse_bucket_window(window)
+    if parsed.unit != "s":
+        raise InvalidRequest(f"window {window!r} is calendar weeks or months, not a length")
+    return parsed.count
 
 
 def parse_aggregation(aggregation: str) -> str:
@@ -418,6 +472,33 @@ def parse_aggregation(aggregation: str) -> str:
         raise InvalidRequest(
             f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}"
         )
+    return name
+
+
+def parse_timezone(name: str) -> tuple[str, tzinfo]:
+    """Return the canonical name and the zone of an IANA time zone name; empty is UTC.
+
+    Every name of UTC becomes "UTC". Names are case-sensitive, as in the IANA database.
+    """
+    name = name.strip()
+    if name in _UTC_NAMES:
+        return "UTC", UTC
+    try:
+        return name, zoneinfo.ZoneInfo(name)
+    except (KeyError, ValueError, OSError):
+        # KeyError is ZoneInfoNotFoundError; ValueError and OSError are malformed names
+        # (absolute or parent paths, directories such as "Europe").
+        raise InvalidRequest(
+            f"unknown timezone {name!r}: use an IANA time zone name such as "
+            "Europe/Berlin, America/New_York or Asia/Kolkata, or leave it empty for UTC"
+        ) from None
+
+
+def parse_fill(fill: str) -> str:
+    """Return the canonical (lower-case) fill mode; empty is "none"."""
+    name = fill.strip().lower() or "none"
+    if name not in FILLS:
+        raise InvalidRequest(f"unknown fill {fill!r}: use one of {', '.join(FILLS)}")
     return name
 
 
@@ -434,8 +515,11 @@ class Query:
     asset_id: str
     start_s: int
     end_s: int
-    window_s: int
+    window: Window
     aggregation: str
+    timezone: str  # canonical: "UTC" for every name of UTC
+    fill: str
+    buckets: Buckets
 
 
 def parse_query(request: Any, assets: Sequence[str]) -> Query:
@@ -449,12 +533,27 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
             f"start ({request.start.ToJsonString()}) must be before end "
             f"({request.end.ToJsonString()})"
         )
-    window_s = parse_window(request.window)
+    window = parse_bucket_window(request.window)
     aggregation = parse_aggregation(request.aggregation)
+    timezone, zone = parse_timezone(request.timezone)
+    fill = parse_fill(request.fill)
+    try:
+        buckets = Buckets(window, zone)
+    except ValueError as exc:
+        raise InvalidRequest(f"window {request.window!r} in timezone {timezone}: {exc}") from None
+    if buckets.layout != "epoch":
+        try:
+            buckets.edges(start_s, start_s + 1)
+            buckets.edges(end_s - 1, end_s)
+        except (OverflowError, ValueError, OSError):
+            raise InvalidRequest(
+                "start and end are too close to the limits of the calendar (years 1 and "
+                f"9999) for buckets in timezone {timezone}"
+            ) from None
     asset_id = request.asset_id or assets[0]
     if asset_id not in assets:
         raise UnknownAsset(f"asset {asset_id!r} is not configured (known: {', '.join(assets)})")
-    return Query(asset_id, start_s, end_s, window_s, aggregation)
+    return Query(asset_id, start_s, end_s, window, aggregation, timezone, fill, buckets)
 
 
 def _default_window() -> tuple[int, int]:
@@ -471,11 +570,15 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
         repository: Repository,
         assets: Sequence[str],
         max_points: int,
+        page_points: int = QueryConfig.page_points,
         window: Callable[[], tuple[int, int]] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._repository = repository
         self._assets = tuple(assets)
         self._max_points = max_points
+        self._page_points = page_points
+        self._clock = clock
         # The [start, end) range ingestion keeps complete; coverage is measured against it.
         self._window = window or _default_window
 
@@ -503,36 +606,103 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
     def QueryTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Any:
         with _status_on_error(context):
             query = parse_query(request, self._assets)
-            rows = self._run(query, context)
             response = protos.TimeSeriesResponse()
             data = response.data
-            for bucket, value in rows:
-                point = data.add()
-                # Setting seconds directly is ~5x faster than Timestamp.FromDatetime.
-                point.time.seconds = bucket
-                point.value = value
+            with (
+                self._snapshot(context) as snapshot,
+                closing(self._series(snapshot, query, limit=self._max_points + 1)) as series,
+            ):
+                for bucket, value, count in series:
+                    if len(data) == self._max_points:
+                        raise TooManyPoints(
+                            f"the answer has more than {self._max_points} points, filled "
+                            "buckets included: widen the window or shorten the range, or "
+                            "read it with StreamTimeSeries"
+                        )
+                    point = data.add()
+                    # Setting seconds directly is ~5x faster than Timestamp.FromDatetime.
+                    point.time.seconds = bucket
+                    point.value = value
+                    point.count = count
             return response
 
-    def _run(self, query: Query, context: grpc.ServicerContext) -> list[tuple[int, float]]:
+    def StreamTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        with _status_on_error(context):
+            query = parse_query(request, self._assets)
+            # The server-side cursor lives in the snapshot's transaction, so the stream holds
+            # its connection until the last page is sent or the call ends.
+            with (
+                self._snapshot(context) as snapshot,
+                closing(self._series(snapshot, query, limit=None)) as series,
+            ):
+                page = protos.TimeSeriesResponse()
+                for bucket, value, count in series:
+                    point = page.data.add()
+                    point.time.seconds = bucket
+                    point.value = value
+                    point.count = count
+                    if len(page.data) == self._page_points:
+                        yield page
+                        page = protos.TimeSeriesResponse()
+                if page.data:
+                    yield page
+
+    def _snapshot(self, context: grpc.ServicerContext) -> AbstractContextManager[Snapshot]:
+        """A database snapshot whose statements stop when the call ends or its deadline passes."""
         cancellation = Cancellation()
         context.add_callback(cancellation.cancel)
         remaining = context.time_remaining()
-        rows = self._repository.query_buckets(
-            asset_id=query.asset_id,
-            start_s=query.start_s,
-            end_s=query.end_s,
-            window_s=query.window_s,
-            aggregation=query.aggregation,
-            limit=self._max_points + 1,
+        return self._repository.snapshot(
             timeout_s=remaining if remaining is not None and remaining < 1e8 else None,
             cancellation=cancellation,
         )
-        if len(rows) > self._max_points:
-            raise TooManyPoints(
-                f"the answer has more than {self._max_points} points: "
-                "widen the window or shorten the range"
+
+    def _series(self, snapshot: Snapshot, query: Query, *, limit: int | None) -> Iterator[Bucket]:
+        """The buckets of the answer, ascending, with empty ones filled as the query asks.
+
+        With a `limit`, reads at most that many non-empty buckets in one go; without, reads
+        them through a server-side cursor, a page at a time.
+        """
+        buckets = query.buckets
+
+        def read(grid: BucketGrid) -> Iterator[Bucket]:
+            kwargs = dict(
+                asset_id=query.asset_id,
+                start_s=query.start_s,
+                end_s=query.end_s,
+                grid=grid,
+                aggregation=query.aggregation,
             )
-        return rows
+            if limit is None:
+                return snapshot.iter_buckets(**kwargs, batch_size=self._page_points)
+            return iter(snapshot.buckets(**kwargs, limit=limit))
+
+        if buckets.layout == "epoch" and query.fill == "none":
+            # The original query, alone: answers to requests without the newer fields stay
+            # exactly what they were.
+            yield from read(BucketGrid(window_s=buckets.stride_s))
+            return
+        extent = snapshot.extent(asset_id=query.asset_id, start_s=query.start_s, end_s=query.end_s)
+        rows: Iterable[Bucket] = ()
+        if extent.first_s is not None and extent.last_s is not None:
+            # Edges only for the stored points' part of the range: a long range holding little
+            # data costs nothing extra.
+            edges = buckets.edges(extent.first_s, extent.last_s + 1)
+            rows = read(BucketGrid(window_s=buckets.stride_s, edges_s=edges))
+        fill_end = query.end_s
+        if extent.after is None and query.end_s > self._clock():
+            # Nothing is invented past the last stored point while end is still ahead.
+            last_s = extent.last_s
+            if last_s is None and extent.before is not None:
+                last_s = extent.before[0]
+            fill_end = query.start_s if last_s is None else min(query.end_s, last_s + 1)
+        yield from fill_gaps(
+            rows,
+            buckets.starts(query.start_s, fill_end),
+            query.fill,
+            before=extent.before,
+            after=extent.after,
+        )
 
 
 # One table maps every failure to the status a client sees; nothing a client sent is INTERNAL.
@@ -835,6 +1005,11 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair])
 
 
+# Invalidation spans of cache keys that depend on every point before or after the range.
+_FAR_PAST_S = -(2**63)
+_FAR_FUTURE_S = 2**63
+
+
 def build_interceptors(
     config: Config,
     *,
@@ -853,9 +1028,20 @@ def build_interceptors(
         if method != QUERY_METHOD or not cache_usable():
             return None
         query = parse_query(request, assets)
-        return CacheKey(
-            query.asset_id, query.start_s, query.end_s, str(query.window_s), query.aggregation
-        )
+        # start_s and end_s of the key are the span whose changes invalidate the entry.
+        start_s, end_s = query.start_s, query.end_s
+        extra: tuple[object, ...] = (query.timezone, query.fill)
+        if query.fill != "none":
+            # A filled answer also depends on points outside the range ("previous" on the
+            # one before start, "linear" on both neighbours, any fill on whether a point
+            # follows an end still ahead) and on whether end is still ahead.
+            future = query.end_s > time.time()
+            extra += (query.start_s, query.end_s, future)
+            if query.fill in ("previous", "linear"):
+                start_s = _FAR_PAST_S
+            if query.fill == "linear" or future:
+                end_s = _FAR_FUTURE_S
+        return CacheKey(query.asset_id, start_s, end_s, str(query.window), query.aggregation, extra)
 
     return (
         # Outside the rest, so that every call it counts is also seen to its end.
@@ -956,6 +1142,7 @@ def run(
             repository=repository,
             assets=config.upstream.assets,
             max_points=config.query.max_points,
+            page_points=config.query.page_points,
             window=ingestor.window,
         )
         drain = DrainInterceptor()

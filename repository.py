@@ -21,7 +21,19 @@ from psycopg.types.range import Range
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-AGGREGATIONS = ("MIN", "MAX", "AVG", "SUM")
+AGGREGATIONS = ("MIN", "MAX", "AVG", "SUM", "COUNT", "FIRST", "LAST")
+# What each aggregation computes over the points of one bucket. FIRST and LAST take the
+# value at the earliest and latest time: the least and greatest [time, value] pair, which
+# keeps one pair per bucket instead of collecting and sorting its values.
+_AGGREGATE_SQL = {
+    "MIN": "MIN(value)",
+    "MAX": "MAX(value)",
+    "AVG": "AVG(value)",
+    "SUM": "SUM(value)",
+    "COUNT": "count(*)::double precision",
+    "FIRST": "(min(ARRAY[date_part('epoch', time), value]))[2]",
+    "LAST": "(max(ARRAY[date_part('epoch', time), value]))[2]",
+}
 # Any constant works as long as every replica uses the same one.
 _MIGRATION_LOCK_KEY = 0x65646765636F6D  # "edgecom"
 _ASSET_LOCK_PREFIX = "edgecom.asset:"
@@ -89,14 +101,41 @@ _RETENTION_POLICY = _Policy(
 )
 
 _BUCKET_QUERY = """
-SELECT extract(epoch FROM date_bin(%(window)s, time, TIMESTAMPTZ 'epoch'))::bigint AS bucket,
-       {aggregate}(value) AS value
+SELECT extract(epoch FROM {bucket})::bigint AS bucket,
+       {aggregate} AS value,
+       count(*) AS count
 FROM points
 WHERE asset_id = %(asset_id)s AND time >= %(start)s AND time < %(end)s
 GROUP BY bucket
 ORDER BY bucket
 LIMIT %(limit)s
 """
+
+# The bucket start of a point, for each kind of BucketGrid. width_bucket() finds the edge
+# at or before the point by binary search in the array of edges.
+_EPOCH_BUCKET = "date_bin(%(window)s, time, TIMESTAMPTZ 'epoch')"
+_SPAN_BUCKET = "(%(edges)s::timestamptz[])[width_bucket(time, %(edges)s::timestamptz[])]"
+_STRIDE_BUCKET = f"date_bin(%(window)s, time, {_SPAN_BUCKET})"
+
+# Each bound is one probe of the primary key (asset_id, time).
+_EXTENT = """
+SELECT (SELECT extract(epoch FROM min(time))::bigint FROM points
+        WHERE asset_id = %(asset_id)s AND time >= %(start)s AND time < %(end)s),
+       (SELECT extract(epoch FROM max(time))::bigint FROM points
+        WHERE asset_id = %(asset_id)s AND time >= %(start)s AND time < %(end)s),
+       before.t, before.value, after.t, after.value
+FROM (SELECT) AS one
+LEFT JOIN LATERAL (
+    SELECT extract(epoch FROM time)::bigint AS t, value FROM points
+    WHERE asset_id = %(asset_id)s AND time < %(start)s ORDER BY time DESC LIMIT 1
+) before ON TRUE
+LEFT JOIN LATERAL (
+    SELECT extract(epoch FROM time)::bigint AS t, value FROM points
+    WHERE asset_id = %(asset_id)s AND time >= %(end)s ORDER BY time LIMIT 1
+) after ON TRUE
+"""
+# The name of the server-side cursor a Snapshot streams buckets through.
+_STREAM_CURSOR = "edgecom_buckets"
 
 _UPSERT = """
 WITH changed AS (
@@ -203,6 +242,35 @@ class UpsertResult:
     last_s: int | None = None
 
 
+@dataclass(frozen=True)
+class BucketGrid:
+    """How points are grouped into buckets; all instants in Unix seconds.
+
+    Without `edges_s`: buckets of `window_s` seconds aligned to the Unix epoch. With
+    `edges_s`, ascending instants: each [edges_s[i], edges_s[i+1]) is one bucket starting
+    at edges_s[i] or, with `window_s`, is cut into buckets of `window_s` seconds laid from
+    edges_s[i], the last one ending at edges_s[i+1]. The edges must cover every point
+    queried: [edges_s[0], edges_s[-1]) holds the range's points.
+    """
+
+    window_s: int | None = None
+    edges_s: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Where an asset's points lie relative to a range [start, end)."""
+
+    first_s: int | None  # the first point in the range; None when it holds none
+    last_s: int | None  # the last point in the range
+    before: tuple[int, float] | None  # (time, value) of the last point before start
+    after: tuple[int, float] | None  # (time, value) of the first point at or after end
+
+
+# A bucket as the database answers it: start in Unix seconds, value, points aggregated.
+Bucket = tuple[int, float, int]
+
+
 class Cancellation:
     """Lets another thread cancel the query a call is running, and only that query."""
 
@@ -228,6 +296,113 @@ class Cancellation:
         # Once detached the connection goes back to the pool, so a late cancel must not reach it.
         with self._lock:
             self._conn = None
+
+
+class Snapshot:
+    """One consistent, read-only view of the points, on a connection held while it lasts.
+
+    Made by Repository.snapshot(); every method blocks on the database.
+    """
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn = conn
+        self._cursors: list[psycopg.ServerCursor] = []
+
+    def extent(self, *, asset_id: str, start_s: int, end_s: int) -> Extent:
+        """The first and last point in [start_s, end_s) and the nearest points outside it."""
+        params = {"asset_id": asset_id, "start": _to_datetime(start_s), "end": _to_datetime(end_s)}
+        first_s, last_s, before_s, before, after_s, after = self._conn.execute(
+            _EXTENT, params
+        ).fetchone()
+        return Extent(
+            first_s,
+            last_s,
+            None if before_s is None else (before_s, before),
+            None if after_s is None else (after_s, after),
+        )
+
+    def buckets(
+        self,
+        *,
+        asset_id: str,
+        start_s: int,
+        end_s: int,
+        grid: BucketGrid,
+        aggregation: str,
+        limit: int | None = None,
+    ) -> list[Bucket]:
+        """Aggregate the points in [start_s, end_s) into the buckets of `grid`.
+
+        Returns (bucket start, value, points aggregated) for each non-empty bucket,
+        ascending, at most `limit` of them (None: all).
+        """
+        query, params = _bucket_query(asset_id, start_s, end_s, grid, aggregation, limit)
+        with self._conn.cursor(binary=True) as cur:
+            cur.execute(query, params)
+            return cur.fetchall()
+
+    def iter_buckets(
+        self,
+        *,
+        asset_id: str,
+        start_s: int,
+        end_s: int,
+        grid: BucketGrid,
+        aggregation: str,
+        batch_size: int,
+    ) -> Iterator[Bucket]:
+        """Like buckets(), without a limit, read through a server-side cursor.
+
+        Holds at most `batch_size` buckets in memory however many there are. The cursor
+        lives until the snapshot ends; the iterator must not be used after that.
+        """
+        query, params = _bucket_query(asset_id, start_s, end_s, grid, aggregation, None)
+        cur = self._conn.cursor(_STREAM_CURSOR, binary=True)
+        self._cursors.append(cur)
+        try:
+            cur.execute(query, params)
+            while rows := cur.fetchmany(batch_size):
+                yield from rows
+        finally:
+            cur.close()
+
+    def _close(self) -> None:
+        # Before the connection goes back to the pool: a cursor closed later, when its
+        # iterator is collected, must not send CLOSE on a connection someone else uses.
+        for cur in self._cursors:
+            cur.close()
+        self._cursors.clear()
+
+
+def _bucket_query(
+    asset_id: str,
+    start_s: int,
+    end_s: int,
+    grid: BucketGrid,
+    aggregation: str,
+    limit: int | None,
+) -> tuple[sql.Composed, dict[str, object]]:
+    aggregate = _AGGREGATE_SQL.get(aggregation.upper())
+    if aggregate is None:
+        raise ValueError(f"unknown aggregation {aggregation!r}")
+    if not grid.edges_s:
+        if not grid.window_s:
+            raise ValueError("a grid without edges needs a window")
+        bucket = _EPOCH_BUCKET
+    else:
+        bucket = _STRIDE_BUCKET if grid.window_s else _SPAN_BUCKET
+    query = sql.SQL(_BUCKET_QUERY).format(bucket=sql.SQL(bucket), aggregate=sql.SQL(aggregate))
+    params: dict[str, object] = {
+        "asset_id": asset_id,
+        "start": _to_datetime(start_s),
+        "end": _to_datetime(end_s),
+        "limit": limit,
+    }
+    if grid.window_s:
+        params["window"] = timedelta(seconds=grid.window_s)
+    if grid.edges_s:
+        params["edges"] = [_to_datetime(edge) for edge in grid.edges_s]
+    return query, params
 
 
 @contextmanager
@@ -482,6 +657,37 @@ class Repository:
                 if acquired:
                     conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", key)
 
+    @contextmanager
+    def snapshot(
+        self, *, timeout_s: float | None = None, cancellation: Cancellation | None = None
+    ) -> Iterator[Snapshot]:
+        """Hold a pool connection in a read-only REPEATABLE READ transaction for the block.
+
+        Everything read through the Snapshot sees the same data. `timeout_s` bounds each
+        statement, `cancellation` lets another thread stop the one running. Raises
+        QueryCancelled when either stops a statement, DatabaseUnavailable when the database
+        cannot be reached. Blocks until a connection is free.
+        """
+        cancellation = cancellation or Cancellation()
+        try:
+            with _unavailable_on_failure("querying"), self._pool.connection() as conn:
+                cancellation._attach(conn)
+                try:
+                    with conn.transaction():
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                        if timeout_s is not None:
+                            timeout_ms = max(1, int(timeout_s * 1000))
+                            conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+                        snapshot = Snapshot(conn)
+                        try:
+                            yield snapshot
+                        finally:
+                            snapshot._close()
+                finally:
+                    cancellation._detach()
+        except psycopg.errors.QueryCanceled as exc:
+            raise QueryCancelled(str(exc).strip()) from exc
+
     def query_buckets(
         self,
         *,
@@ -500,32 +706,16 @@ class Repository:
         `limit` of them; empty buckets are omitted. Blocks; `timeout_s` bounds the database
         work and `cancellation` lets another thread stop it.
         """
-        aggregate = aggregation.upper()
-        if aggregate not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {aggregation!r}")
-        query = sql.SQL(_BUCKET_QUERY).format(aggregate=sql.SQL(aggregate))
-        params = {
-            "window": timedelta(seconds=window_s),
-            "asset_id": asset_id,
-            "start": _to_datetime(start_s),
-            "end": _to_datetime(end_s),
-            "limit": limit,
-        }
-        cancellation = cancellation or Cancellation()
-        try:
-            with _unavailable_on_failure("querying"), self._pool.connection() as conn:
-                cancellation._attach(conn)
-                try:
-                    with conn.transaction(), conn.cursor(binary=True) as cur:
-                        if timeout_s is not None:
-                            timeout_ms = max(1, int(timeout_s * 1000))
-                            cur.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
-                        cur.execute(query, params)
-                        return cur.fetchall()
-                finally:
-                    cancellation._detach()
-        except psycopg.errors.QueryCanceled as exc:
-            raise QueryCancelled(str(exc).strip()) from exc
+        with self.snapshot(timeout_s=timeout_s, cancellation=cancellation) as snapshot:
+            rows = snapshot.buckets(
+                asset_id=asset_id,
+                start_s=start_s,
+                end_s=end_s,
+                grid=BucketGrid(window_s=window_s),
+                aggregation=aggregation,
+                limit=limit,
+            )
+        return [(bucket, value) for bucket, value, _ in rows]
 
 
 class ChangeListener:

@@ -64,17 +64,28 @@ def repository(dsn: str) -> Iterator[Repository]:
 class RunningService:
     """A real gRPC server on a loopback port with the service's servicer, for tests."""
 
-    def __init__(self, repository: Repository, *, assets: tuple[str, ...], max_points: int):
+    def __init__(
+        self,
+        repository: Repository,
+        *,
+        assets: tuple[str, ...],
+        max_points: int,
+        page_points: int = edgecom.QueryConfig.page_points,
+        interceptors: tuple[grpc.ServerInterceptor, ...] = (),
+    ):
         self.repository = repository
         self.health = health.HealthServicer()
         self.watch = edgecom.HealthWatch(
             repository=repository, health_servicer=self.health, interval_s=0.2
         )
         servicer = edgecom.TimeSeriesServicer(
-            repository=repository, assets=assets, max_points=max_points
+            repository=repository, assets=assets, max_points=max_points, page_points=page_points
         )
         self.server, self.port = edgecom.create_server(
-            address="127.0.0.1:0", servicer=servicer, health_servicer=self.health
+            address="127.0.0.1:0",
+            servicer=servicer,
+            health_servicer=self.health,
+            interceptors=interceptors,
         )
         self.address = f"127.0.0.1:{self.port}"
         self.server.start()

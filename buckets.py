@@ -1,0 +1,264 @@
+"""Where time buckets lie in a local calendar, and how gaps between them are filled."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, tzinfo
+
+DAY_S = 86400
+# Multi-day, multi-week and multi-month buckets count from these local dates, so that
+# in UTC `<N>d` buckets are the Unix-epoch-aligned ones the service always had.
+_EPOCH_DAY = date(1970, 1, 1)
+_EPOCH_MONDAY = date(1970, 1, 5)
+_EPOCH_MONTH = 1970 * 12
+
+FILLS = ("none", "zero", "previous", "linear", "nan")
+
+# A bucket: start in Unix seconds, aggregated value, number of points aggregated.
+Bucket = tuple[int, float, int]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A bucket width: `count` seconds (unit "s"), calendar weeks ("w") or months ("mo")."""
+
+    count: int
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.count}{self.unit}"
+
+
+class Buckets:
+    """The buckets of one window in the calendar of one time zone, in Unix seconds.
+
+    Three layouts, chosen from the window and the zone:
+
+    - "epoch": a fixed window in UTC. Buckets of the window's length aligned to the Unix
+      epoch, as the service has always laid them.
+    - "days": whole days, weeks or months of the local calendar. A bucket runs from the
+      first instant of a local day (local midnight, or the end of the DST gap when
+      midnight does not exist) to the first instant of the day the next bucket starts
+      on, so a local day can last 23, 24 or 25 hours. `<N>d` counts from 1970-01-01,
+      `<N>w` from Monday 1970-01-05 and `<N>mo` from January 1970, all local.
+    - "strides": a window shorter than a day that divides 24 hours, outside UTC. Buckets
+      of that absolute length laid from the first instant of each local day; the last
+      bucket of a day ends at the next day's first instant, so it is shorter on days
+      whose length the window does not divide (23.5 h and 24.5 h days in
+      Australia/Lord_Howe).
+
+    Raises ValueError for a fixed window that is neither whole days nor divides a day,
+    outside UTC: such buckets would straddle local midnights.
+    """
+
+    def __init__(self, window: Window, zone: tzinfo) -> None:
+        self.window = window
+        self.zone = zone
+        if window.unit == "s" and zone is UTC:
+            self.layout = "epoch"
+        elif window.unit == "s" and window.count % DAY_S == 0:
+            self.layout = "days"
+        elif window.unit == "s" and DAY_S % window.count == 0:
+            self.layout = "strides"
+        elif window.unit == "s":
+            raise ValueError(
+                "it neither divides a day nor is whole days, so its buckets would straddle "
+                "local midnights; outside UTC use one that is, such as 15m, 1h, 1d or 7d"
+            )
+        elif window.unit in ("w", "mo"):
+            self.layout = "days"
+        else:
+            raise ValueError(f"unknown window unit {window.unit!r}")
+
+    @property
+    def stride_s(self) -> int | None:
+        """The fixed bucket length of the "epoch" and "strides" layouts; None for "days"."""
+        return self.window.count if self.layout in ("epoch", "strides") else None
+
+    def start_of(self, t: int) -> int:
+        """Start of the bucket holding the instant `t`."""
+        if self.layout == "epoch":
+            return t - t % self.window.count
+        first, _ = self._span_of(t)
+        if self.layout == "days":
+            return first
+        return first + (t - first) // self.window.count * self.window.count
+
+    def starts(self, lo: int, hi: int) -> Iterator[int]:
+        """Starts of the buckets overlapping [lo, hi), ascending; lazily, one at a time."""
+        if lo >= hi:
+            return
+        if self.layout == "epoch":
+            yield from range(self.start_of(lo), hi, self.window.count)
+            return
+        first = self.start_of(lo)
+        span_start, span_end = self._span_of(lo)
+        day = self._span_date(lo)
+        while span_start < hi:
+            if self.layout == "days":
+                yield span_start
+            else:
+                yield from range(max(first, span_start), min(span_end, hi), self.window.count)
+            day = self._next_span_date(day)
+            span_start, span_end = span_end, self._first_instant(self._next_span_date(day))
+
+    def edges(self, lo: int, hi: int) -> list[int]:
+        """Ascending instants whose consecutive pairs cover [lo, hi) without gaps.
+
+        "days": the starts of the buckets overlapping [lo, hi), then the end of the last.
+        "strides": the same for local days, which the window then cuts into buckets.
+        "epoch": empty; the buckets need no edges.
+        """
+        if self.layout == "epoch" or lo >= hi:
+            return []
+        span_start, span_end = self._span_of(lo)
+        day = self._span_date(lo)
+        edges = [span_start]
+        while span_end < hi:
+            edges.append(span_end)
+            day = self._next_span_date(day)
+            span_end = self._first_instant(self._next_span_date(day))
+        edges.append(span_end)
+        return edges
+
+    # --- local calendar ---------------------------------------------------------------
+    # A "span" is a bucket of the "days" layout, or one local day for "strides".
+
+    def _span_of(self, t: int) -> tuple[int, int]:
+        """[start, end) of the span holding the instant `t`."""
+        day = self._span_date(t)
+        return self._first_instant(day), self._first_instant(self._next_span_date(day))
+
+    def _span_date(self, t: int) -> date:
+        """Local date on which the span holding the instant `t` starts."""
+        day = self._period_start(datetime.fromtimestamp(t, self.zone).date())
+        # Where a clock went back across midnight, the local date of an instant can be
+        # the day before the one whose span holds it; spans are defined by instants.
+        while self._first_instant(self._next_span_date(day)) <= t:
+            day = self._next_span_date(day)
+        while self._first_instant(day) > t:
+            day = self._period_start(day - timedelta(days=1))
+        return day
+
+    def _period_start(self, day: date) -> date:
+        """First local date of the span holding the local date `day`."""
+        if self.layout == "strides":
+            return day
+        if self.window.unit == "mo":
+            month = (day.year * 12 + day.month - 1 - _EPOCH_MONTH) // self.window.count
+            first = _EPOCH_MONTH + month * self.window.count
+            return date(first // 12, first % 12 + 1, 1)
+        anchor, length = self._anchor_and_days()
+        offset = (day - anchor).days // length * length
+        return anchor + timedelta(days=offset)
+
+    def _next_span_date(self, day: date) -> date:
+        """First local date of the span after the one starting on `day`."""
+        if self.layout == "strides":
+            return day + timedelta(days=1)
+        if self.window.unit == "mo":
+            month = day.year * 12 + day.month - 1 + self.window.count
+            return date(month // 12, month % 12 + 1, 1)
+        return day + timedelta(days=self._anchor_and_days()[1])
+
+    def _anchor_and_days(self) -> tuple[date, int]:
+        if self.window.unit == "w":
+            return _EPOCH_MONDAY, 7 * self.window.count
+        return _EPOCH_DAY, self.window.count // DAY_S
+
+    def _first_instant(self, day: date) -> int:
+        """The first instant (Unix seconds) whose local date is `day` or later.
+
+        That is local midnight, the earlier one when midnight occurs twice; where the
+        clock jumps over midnight (America/Havana, Asia/Beirut in spring) it is the
+        instant of the jump, the first moment the new day shows on the clock.
+        """
+        midnight = datetime(day.year, day.month, day.day)
+        readings = sorted(
+            int(midnight.replace(tzinfo=self.zone, fold=fold).timestamp()) for fold in (0, 1)
+        )
+        if self._local_date(readings[0]) >= day:
+            return readings[0]
+        # Midnight falls in a gap: the two readings, made with the offsets before and after
+        # the jump, bracket it. Find the first second of the new day between them.
+        lo, hi = readings
+        while self._local_date(hi) < day:
+            hi += 3600
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._local_date(mid) >= day:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    def _local_date(self, t: int) -> date:
+        return datetime.fromtimestamp(t, self.zone).date()
+
+
+def fill_gaps(
+    rows: Iterable[Bucket],
+    starts: Iterable[int],
+    fill: str,
+    *,
+    before: tuple[int, float] | None = None,
+    after: tuple[int, float] | None = None,
+) -> Iterator[Bucket]:
+    """Merge non-empty buckets into the sequence of all bucket starts, filling the empty ones.
+
+    `rows` are the non-empty buckets and `starts` every bucket start to answer, both
+    ascending. An empty bucket gets, by `fill`:
+
+    - "none": nothing; it is left out.
+    - "zero", "nan": the value 0.0 or NaN.
+    - "previous": the value of the last non-empty bucket before it, or of the point
+      `before` (time, value) for the leading ones; left out when there is neither.
+    - "linear": the value on the straight line, over time, between the last known value
+      before it and the next one after it, known values being the non-empty buckets (at
+      their start) and the points `before` and `after` outside the range; left out when
+      one side has none. A bucket that starts before the point `before` (it straddles the
+      range's start) gets that point's value rather than an extrapolation.
+
+    Filled buckets have a count of 0. Lazy: holds one row at a time.
+    """
+    if fill not in FILLS:
+        raise ValueError(f"unknown fill {fill!r}")
+    pending = iter(rows)
+    if fill == "none":
+        yield from pending
+        return
+    row = next(pending, None)
+    known = before
+    for start in starts:
+        while row is not None and row[0] <= start:
+            yield row
+            known = (row[0], row[1])
+            found, row = row[0] == start, next(pending, None)
+            if found:
+                break
+        else:
+            if fill == "zero":
+                yield (start, 0.0, 0)
+            elif fill == "nan":
+                yield (start, math.nan, 0)
+            elif fill == "previous":
+                if known is not None:
+                    yield (start, known[1], 0)
+            else:
+                following = (row[0], row[1]) if row is not None else after
+                if known is not None and following is not None:
+                    yield (start, _interpolate(known, following, start), 0)
+    # Rows past the last start (there should be none) are answered, never dropped.
+    while row is not None:
+        yield row
+        row = next(pending, None)
+
+
+def _interpolate(a: tuple[int, float], b: tuple[int, float], t: int) -> float:
+    (t0, v0), (t1, v1) = a, b
+    if t1 <= t0:
+        return v0
+    share = min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+    return v0 + (v1 - v0) * share
