@@ -1015,7 +1015,7 @@ def build_interceptors(
     *,
     metrics: Metrics,
     cache: QueryCache,
-    drain: DrainInterceptor,
+    drain: DrainInterceptor | None = None,
     cache_usable: Callable[[], bool] = lambda: True,
 ) -> tuple[grpc.ServerInterceptor, ...]:
     """The interceptor chain, outermost first: every call passes them in this order.
@@ -1045,7 +1045,7 @@ def build_interceptors(
 
     return (
         # Outside the rest, so that every call it counts is also seen to its end.
-        drain,
+        drain or DrainInterceptor(),
         RequestLogInterceptor(),
         MetricsInterceptor(metrics),
         AuthInterceptor(config.auth.tokens),
