@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,8 +23,10 @@ from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _harness import server_dsn as server_dsn_or_embedded
+
 import edgecom
-from repository import EmbeddedPostgres, Repository
+from repository import Repository
 
 STEP_S = 900
 TWO_YEARS = 730 * 96
@@ -178,11 +177,7 @@ def main() -> None:
     parser.add_argument("--assets", type=int, default=20, help="assets written interleaved")
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
     args = parser.parse_args()
-    with ExitStack() as stack:
-        server_dsn = os.environ.get("EDGECOM_BENCH_DSN")
-        if not server_dsn:
-            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgecom-bench-"))
-            server_dsn = stack.enter_context(EmbeddedPostgres(data_dir=data_dir)).dsn
+    with server_dsn_or_embedded(None) as server_dsn:
         assets = [f"asset-{n:03d}" for n in range(args.assets)]
         bench_response(args.repeat)
         bench_fetch(server_dsn, args.repeat)

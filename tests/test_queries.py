@@ -13,7 +13,6 @@ import math
 import subprocess
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -22,10 +21,9 @@ from zoneinfo import ZoneInfo
 import grpc
 import psycopg
 import pytest
-from conftest import ASSET, OTHER_ASSET, RunningService, wait_for
+from conftest import ASSET, OTHER_ASSET, RunningService, fresh_database, wait_for
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
-from psycopg.conninfo import make_conninfo
 from test_repository import reference as original_reference
 from test_repository import series
 
@@ -202,12 +200,8 @@ def year_of_quarter_hours() -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def module_dsn(server_dsn: str) -> Iterator[str]:
     """A database shared by the read-only tests of this module, dropped afterwards."""
-    name = f"edgecom_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_dsn, dbname=name)
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(server_dsn) as database:
+        yield database
 
 
 @pytest.fixture(scope="module")
