@@ -717,10 +717,15 @@ def test_stream_has_no_overall_cap_and_an_empty_answer_has_no_pages(repository):
 
 
 def _sessions(dsn: str, *states: str) -> int:
-    """Backends of the test database in one of `states`, other than the one asking."""
+    """Client sessions of the test database in one of `states`, other than the one asking.
+
+    Only client backends count: TimescaleDB runs its job scheduler and jobs as background
+    workers connected to each database, and they come and go on their own.
+    """
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend'"
             " AND state = ANY(%s) AND pid <> pg_backend_pid()",
             (list(states),),
         ).fetchone()[0]
