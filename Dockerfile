@@ -37,6 +37,15 @@ RUN uv sync --no-default-groups
 # ---------------------------------------------------------------------------
 FROM build AS test
 
+# tests/test_service.py makes its TLS certificates with the openssl command. The base
+# image has it only as a dependency of ca-certificates, so it is asked for by name.
+# Unpinned on purpose: the suite needs any openssl, and a pinned Debian revision would
+# stop building as soon as a security update replaces it in the archive.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends openssl \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN uv sync --no-default-groups --group dev
 
 COPY . .
