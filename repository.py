@@ -167,7 +167,10 @@ ORDER BY lower(gap)
 # the newest covered instant: a finished bootstrap reads 1.0 between polls, while a failing
 # upstream shows as coverage falling behind.
 _ASSET_STATUS = """
-WITH wanted AS (SELECT unnest(%(asset_ids)s::text[]) AS asset_id)
+WITH wanted AS (
+    SELECT asset_id, ord
+    FROM unnest(%(asset_ids)s::text[]) WITH ORDINALITY AS asked (asset_id, ord)
+)
 SELECT w.asset_id,
        extract(epoch FROM stats.first)::bigint,
        extract(epoch FROM stats.last)::bigint,
@@ -190,6 +193,8 @@ LEFT JOIN LATERAL (
     SELECT min(time) AS first, max(time) AS last, count(*) AS count
     FROM points p WHERE p.asset_id = w.asset_id
 ) stats ON TRUE
+-- In the order asked for, whatever join order the planner picks.
+ORDER BY w.ord
 """
 
 NOTIFY_CHANNEL = "edgecom_points"
