@@ -52,8 +52,26 @@ def fresh_database(server_dsn: str) -> Iterator[str]:
     try:
         yield make_conninfo(server_dsn, dbname=name)
     finally:
-        with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(server_dsn, name)
+
+
+def drop_database(server_dsn: str, name: str, *, attempts: int = 5) -> None:
+    """Drop a database, ending its sessions; tries again while one will not go.
+
+    WITH (FORCE) terminates every backend of the database and then waits up to five
+    seconds for them to exit. On TimescaleDB those include the job scheduler and any job
+    it runs there (a compression policy that a test's service added, say), which may
+    take longer to stop than a client session.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with psycopg.connect(server_dsn, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.ObjectInUse:
+            if attempt == attempts:
+                raise
+            time.sleep(attempt)
 
 
 @pytest.fixture
