@@ -139,8 +139,8 @@ _STREAM_CURSOR = "edgecom_buckets"
 
 # Unchanged points take the DO UPDATE ... WHERE path, never DO NOTHING: on compressed
 # chunks TimescaleDB 2.17 lets an INSERT ... ON CONFLICT DO NOTHING drop the rows after
-# its first conflict (fixed in 2.18), whereas DO UPDATE decompresses the batch and leaves
-# the conflict check to PostgreSQL.
+# its first conflict (fixed in a later release), whereas DO UPDATE decompresses the batch
+# and leaves the conflict check to PostgreSQL.
 _UPSERT = """
 WITH changed AS (
     INSERT INTO points (asset_id, time, value)
