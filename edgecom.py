@@ -502,10 +502,30 @@ def parse_fill(fill: str) -> str:
     return name
 
 
+# The range of a valid google.protobuf.Timestamp, which is also what datetime can hold:
+# 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+MIN_TIMESTAMP_S = -62_135_596_800
+MAX_TIMESTAMP_S = 253_402_300_799
+_NANOS_PER_S = 1_000_000_000
+
+
+def _check_timestamp(name: str, timestamp: Any) -> None:
+    if not MIN_TIMESTAMP_S <= timestamp.seconds <= MAX_TIMESTAMP_S:
+        raise InvalidRequest(
+            f"{name} ({timestamp.seconds} s) is outside the range of a Timestamp: "
+            "use a time from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
+        )
+    if not 0 <= timestamp.nanos < _NANOS_PER_S:
+        raise InvalidRequest(
+            f"{name} has nanos {timestamp.nanos}: a Timestamp's nanos must be 0 to 999999999"
+        )
+
+
 def _ceil_seconds(timestamp: Any) -> int:
     # Points sit on whole seconds, so [start, end) holds the same points as
-    # [ceil(start), ceil(end)) and the query can work in integers.
-    return timestamp.seconds + (1 if timestamp.nanos > 0 else 0)
+    # [ceil(start), ceil(end)) and the query can work in integers. Past the last second
+    # of year 9999 there are no points, and no datetime to query with.
+    return min(MAX_TIMESTAMP_S, timestamp.seconds + (1 if timestamp.nanos > 0 else 0))
 
 
 @dataclass(frozen=True)
@@ -527,6 +547,8 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
     missing = [name for name in ("start", "end") if not request.HasField(name)]
     if missing:
         raise InvalidRequest(f"{' and '.join(missing)} required: set start and end timestamps")
+    _check_timestamp("start", request.start)
+    _check_timestamp("end", request.end)
     start_s, end_s = _ceil_seconds(request.start), _ceil_seconds(request.end)
     if (request.start.seconds, request.start.nanos) >= (request.end.seconds, request.end.nanos):
         raise InvalidRequest(

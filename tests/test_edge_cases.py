@@ -1,0 +1,81 @@
+"""Requests at the edges of what a client can send end with a status the client can act on.
+
+Never UNKNOWN or INTERNAL: a request is answered, or refused with a code that says why.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import edgecom
+
+TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
+MIN_S = -62_135_596_800  # 0001-01-01T00:00:00Z
+MAX_S = 253_402_300_799  # 9999-12-31T23:59:59Z
+DAY = 86400
+YEAR_2024 = 1_704_067_200
+OK = grpc.StatusCode.OK
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def request(
+    start_s: int = YEAR_2024,
+    end_s: int = YEAR_2024 + DAY,
+    *,
+    start_nanos: int = 0,
+    end_nanos: int = 0,
+    **fields: str,
+) -> TimeSeriesRequest:
+    fields.setdefault("window", "1h")
+    fields.setdefault("aggregation", "AVG")
+    return TimeSeriesRequest(
+        start=Timestamp(seconds=start_s, nanos=start_nanos),
+        end=Timestamp(seconds=end_s, nanos=end_nanos),
+        **fields,
+    )
+
+
+def codes(service, req: TimeSeriesRequest) -> tuple[grpc.StatusCode, grpc.StatusCode]:
+    """The status codes QueryTimeSeries and StreamTimeSeries end with for the request."""
+    found = []
+    for call in (
+        lambda: service.stub.QueryTimeSeries(req, timeout=30),
+        lambda: list(service.stub.StreamTimeSeries(req, timeout=30)),
+    ):
+        try:
+            call()
+            found.append(OK)
+        except grpc.RpcError as exc:
+            found.append(exc.code())
+    return found[0], found[1]
+
+
+TIMESTAMPS = {
+    "start before year 1": (dict(start_s=MIN_S - 1, end_s=0), INVALID),
+    "end after year 9999": (dict(start_s=0, end_s=MAX_S + 1), INVALID),
+    "both far outside": (dict(start_s=-(2**62), end_s=2**62), INVALID),
+    "both far ahead": (dict(start_s=2**62, end_s=2**62 + 10), INVALID),
+    "start after end, far ahead": (dict(start_s=2**62 + 10, end_s=2**62), INVALID),
+    "negative start nanos": (dict(start_nanos=-1), INVALID),
+    "end nanos of a whole second": (dict(end_nanos=1_000_000_000), INVALID),
+    "negative seconds": (dict(start_s=-1, end_s=1), OK),
+    "before 1970": (dict(start_s=-(10**10), end_s=0), OK),
+    "year 1": (dict(start_s=MIN_S, end_s=MIN_S + DAY), OK),
+    "year 9999": (dict(start_s=MAX_S - DAY, end_s=MAX_S), OK),
+    "last instant of year 9999": (
+        dict(start_s=MAX_S, start_nanos=1, end_s=MAX_S, end_nanos=999_999_999),
+        OK,
+    ),
+    "all of time": (dict(start_s=MIN_S, end_s=MAX_S, window="366d"), OK),
+    "all of time in minutes": (dict(start_s=MIN_S, end_s=MAX_S, window="1m", fill="zero"), OK),
+}
+
+
+@pytest.mark.parametrize("fill", ["", "previous"])
+@pytest.mark.parametrize("case", TIMESTAMPS)
+def test_timestamps_outside_the_valid_range_are_invalid_argument(service, case, fill):
+    fields, expected = TIMESTAMPS[case]
+    fields = {"fill": fill, **fields}
+    assert codes(service, request(**fields)) == (expected, expected)
