@@ -27,7 +27,13 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api_client import BACKOFF_MAX_S, RETRY_ATTEMPTS, ApiClient, validate_url_template
+from api_client import (
+    BACKOFF_INITIAL_S,
+    BACKOFF_MAX_S,
+    RETRY_ATTEMPTS,
+    ApiClient,
+    validate_url_template,
+)
 from buckets import FILLS, Buckets, Window, fill_gaps
 from interceptors import (
     AuthInterceptor,
@@ -269,7 +275,8 @@ def _build(cls: type, raw: object, env: Mapping[str, str], path: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    # key=str: YAML keys may be numbers or null, which do not compare with strings.
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         raise ConfigError(
             f"{path}.{unknown[0]}: unknown key (known keys in {path}: {', '.join(fields)})"
@@ -324,6 +331,8 @@ def _validate(config: Config) -> None:
         "upstream.poll_interval": config.upstream.poll_interval,
         "upstream.retry_attempts": config.upstream.retry_attempts,
         "upstream.bootstrap": config.upstream.bootstrap,
+        "upstream.timeout": config.upstream.timeout,
+        "database.connection_timeout": config.database.connection_timeout,
         "database.max_connections": config.database.max_connections,
         "query.max_points": config.query.max_points,
         "query.page_points": config.query.page_points,
@@ -338,6 +347,18 @@ def _validate(config: Config) -> None:
     ):
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")
+    if not math.isfinite(config.rate_limit.rps):
+        raise ConfigError(f"rate_limit.rps: must be a finite number, got {config.rate_limit.rps}")
+    if config.rate_limit.rps > 0 and config.rate_limit.burst < 1:
+        raise ConfigError(
+            f"rate_limit.burst: must be at least 1 while rate_limit.rps is on, "
+            f"got {config.rate_limit.burst}"
+        )
+    if config.upstream.retry_max_backoff < BACKOFF_INITIAL_S:
+        raise ConfigError(
+            f"upstream.retry_max_backoff: must be at least {BACKOFF_INITIAL_S * 1000:g}ms "
+            f"(the first wait), got {config.upstream.retry_max_backoff:g}s"
+        )
     if config.upstream.overlap > config.upstream.bootstrap:
         raise ConfigError(
             f"upstream.overlap: must not exceed upstream.bootstrap "
@@ -361,6 +382,14 @@ def _validate(config: Config) -> None:
         )
 
 
+def _one_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read config.yaml (or `path`), apply EDGECOM_* overrides from `env` and validate.
 
@@ -372,13 +401,18 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        # PyYAML's message spans several lines; the error must stay on one.
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections")
     raw = _from_go_layout(raw)
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(fields)})")
     sections = {
