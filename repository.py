@@ -436,7 +436,12 @@ class Repository:
         max_connections: int = 10,
         connect_timeout_s: float = 5.0,
     ) -> None:
+        self._dsn = dsn
         self._connect_timeout_s = connect_timeout_s
+        # Health checks run on a connection of their own: a pool busy with slow streams
+        # and queries is not a database that is down, and must not turn health NOT_SERVING.
+        self._ping_lock = threading.Lock()
+        self._ping_conn: psycopg.Connection | None = None
         self._pool = psycopg_pool.ConnectionPool(
             dsn,
             min_size=1,
@@ -461,6 +466,10 @@ class Repository:
         if not self._closed:
             self._closed = True
             self._pool.close(timeout=5)
+            with self._ping_lock:
+                if self._ping_conn is not None:
+                    self._ping_conn.close()
+                    self._ping_conn = None
 
     def __enter__(self) -> Repository:
         return self.open()
@@ -469,9 +478,26 @@ class Repository:
         self.close()
 
     def ping(self) -> None:
-        """Run a trivial statement; raises DatabaseUnavailable when the database does not answer."""
-        with _unavailable_on_failure("checking the database"), self._pool.connection() as conn:
-            conn.execute("SELECT 1")
+        """Run a trivial statement; raises DatabaseUnavailable when the database does not answer.
+
+        Uses a connection outside the pool, kept between calls, so it answers however busy
+        the pool is. Blocks up to the connect timeout.
+        """
+        with self._ping_lock, _unavailable_on_failure("checking the database"):
+            if self._closed:
+                raise DatabaseUnavailable("the repository is closed")
+            if self._ping_conn is None or self._ping_conn.closed:
+                self._ping_conn = psycopg.connect(
+                    self._dsn,
+                    autocommit=True,
+                    connect_timeout=max(1, round(self._connect_timeout_s)),
+                )
+            try:
+                self._ping_conn.execute("SELECT 1")
+            except psycopg.Error:
+                self._ping_conn.close()
+                self._ping_conn = None
+                raise
 
     def migrate(self, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
         """Apply pending migrations in name order, each once; returns the names applied.
