@@ -672,16 +672,24 @@ class Repository:
         """Try to take the asset's ingestion lock; yields whether this process holds it.
 
         A session-level advisory lock on a connection held for the duration, so replicas
-        sharing the database never work on the same asset at the same time. Never blocks.
+        sharing the database never work on the same asset at the same time. The connection
+        is not from the pool: the writes made under the lock take pool connections, and
+        must get them however small the pool is. Never waits for the lock.
         """
-        with _unavailable_on_failure("locking an asset"), self._pool.connection() as conn:
+        with _unavailable_on_failure("locking an asset"):
+            conn = psycopg.connect(
+                self._dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(self._connect_timeout_s)),
+            )
+        # Closing the connection releases the lock, on every path.
+        with conn:
             key = (_ASSET_LOCK_PREFIX + asset_id,)
-            acquired = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", key).fetchone()[0]
-            try:
-                yield acquired
-            finally:
-                if acquired:
-                    conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", key)
+            with _unavailable_on_failure("locking an asset"):
+                acquired = conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtext(%s))", key
+                ).fetchone()[0]
+            yield acquired
 
     @contextmanager
     def snapshot(
