@@ -37,6 +37,8 @@ _AGGREGATE_SQL = {
 # Any constant works as long as every replica uses the same one.
 _MIGRATION_LOCK_KEY = 0x65646765636F6D  # "edgecom"
 _ASSET_LOCK_PREFIX = "edgecom.asset:"
+# Asset locks are taken one asset at a time, so one idle lock connection is kept.
+_IDLE_LOCK_CONNECTIONS = 1
 
 # TimescaleDB storage policies (see Repository.apply_storage_policies). Compressed batches
 # hold one asset's points in time order: the bucketed query reads one asset at a time, and
@@ -442,6 +444,9 @@ class Repository:
         # and queries is not a database that is down, and must not turn health NOT_SERVING.
         self._ping_lock = threading.Lock()
         self._ping_conn: psycopg.Connection | None = None
+        # Idle connections for asset locks, reused from one ingestion run to the next.
+        self._lock_conns_lock = threading.Lock()
+        self._lock_conns: list[psycopg.Connection] = []
         self._pool = psycopg_pool.ConnectionPool(
             dsn,
             min_size=1,
@@ -470,6 +475,10 @@ class Repository:
                 if self._ping_conn is not None:
                     self._ping_conn.close()
                     self._ping_conn = None
+            with self._lock_conns_lock:
+                idle, self._lock_conns = self._lock_conns, []
+            for conn in idle:
+                conn.close()
 
     def __enter__(self) -> Repository:
         return self.open()
@@ -676,20 +685,47 @@ class Repository:
         is not from the pool: the writes made under the lock take pool connections, and
         must get them however small the pool is. Never waits for the lock.
         """
-        with _unavailable_on_failure("locking an asset"):
-            conn = psycopg.connect(
-                self._dsn,
-                autocommit=True,
-                connect_timeout=max(1, round(self._connect_timeout_s)),
-            )
-        # Closing the connection releases the lock, on every path.
-        with conn:
-            key = (_ASSET_LOCK_PREFIX + asset_id,)
-            with _unavailable_on_failure("locking an asset"):
-                acquired = conn.execute(
-                    "SELECT pg_try_advisory_lock(hashtext(%s))", key
-                ).fetchone()[0]
+        key = (_ASSET_LOCK_PREFIX + asset_id,)
+        conn, acquired = self._try_lock(key)
+        try:
             yield acquired
+            if acquired:
+                with _unavailable_on_failure("unlocking an asset"):
+                    conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", key)
+        except BaseException:
+            # Closing the session is what surely releases its lock.
+            conn.close()
+            raise
+        self._give_back_lock_connection(conn)
+
+    def _try_lock(self, key: tuple[str]) -> tuple[psycopg.Connection, bool]:
+        """A lock connection and whether it took the lock; raises DatabaseUnavailable."""
+        with self._lock_conns_lock:
+            idle = self._lock_conns.pop() if self._lock_conns else None
+        # An idle connection may have died with a database restart: then a new one.
+        for conn in (idle, None):
+            with _unavailable_on_failure("locking an asset"):
+                if conn is None:
+                    conn = psycopg.connect(
+                        self._dsn,
+                        autocommit=True,
+                        connect_timeout=max(1, round(self._connect_timeout_s)),
+                    )
+                try:
+                    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", key).fetchone()
+                    return conn, row[0]
+                except psycopg.OperationalError:
+                    conn.close()
+                    if conn is not idle:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _give_back_lock_connection(self, conn: psycopg.Connection) -> None:
+        with self._lock_conns_lock:
+            if not self._closed and len(self._lock_conns) < _IDLE_LOCK_CONNECTIONS:
+                self._lock_conns.append(conn)
+                return
+        conn.close()
 
     @contextmanager
     def snapshot(

@@ -254,3 +254,17 @@ def test_ingestion_under_an_asset_lock_works_with_a_one_connection_pool(dsn):
                 assert not other
         with replica.asset_lock(ASSET) as other:
             assert other
+
+
+def test_asset_lock_survives_its_idle_connection_being_dropped(repository, dsn):
+    with repository.asset_lock(ASSET) as acquired:
+        assert acquired
+    # A database restart or an idle timeout ends the session the next lock would reuse.
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND query LIKE '%%advisory%%'"
+        )
+    with repository.asset_lock(ASSET) as acquired:
+        assert acquired
