@@ -317,6 +317,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"upstream.url: {exc}") from None
     if not config.upstream.assets:
         raise ConfigError("upstream.assets: configure at least one asset id")
+    if any(not asset.strip() for asset in config.upstream.assets):
+        raise ConfigError("upstream.assets: an asset id must not be empty")
+    if len(set(config.upstream.assets)) != len(config.upstream.assets):
+        raise ConfigError("upstream.assets: an asset id is listed twice")
     for key, value in (
         ("server.port", config.server.port),
         ("metrics.port", config.metrics.port),

@@ -105,6 +105,8 @@ database:
         ("upstream: {url: 'ftp://x/{asset_id}'}\n", {}, "upstream.url"),
         ("", {"EDGECOM_SERVER_PORT": "x"}, "EDGECOM_SERVER_PORT: expected a whole number"),
         ("upstream: {assets: []}\n", {}, "upstream.assets"),
+        ("upstream: {assets: ['a', '']}\n", {}, "upstream.assets: an asset id must not be empty"),
+        ("", {"EDGECOM_UPSTREAM_ASSETS": "a,b,a"}, "upstream.assets: an asset id is listed twice"),
         ("logging: {format: xml}\n", {}, "logging.format"),
         ("upstream: {bootstrap: 0}\n", {}, "upstream.bootstrap: must be greater than 0"),
         ("upstream: {bootstrap: 1h, overlap: 2h}\n", {}, "upstream.overlap: must not exceed"),
