@@ -455,6 +455,9 @@ class Repository:
             timeout=connect_timeout_s,
             kwargs={"connect_timeout": max(1, round(connect_timeout_s)), "autocommit": True},
             name="edgecom",
+            # Connections idle in the pool die with a database restart or a dropped network;
+            # a query handed one would fail UNAVAILABLE although the database is back.
+            check=psycopg_pool.ConnectionPool.check_connection,
         )
         self._closed = False
 

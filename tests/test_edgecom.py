@@ -385,3 +385,17 @@ def test_demo_bootstraps_two_years_and_answers_with_the_simulators_data(dsn, grp
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0
+
+
+def test_queries_after_the_pools_connections_were_dropped_get_new_ones(service, dsn):
+    req = request(T0, T0 + DAY)
+    service.stub.QueryTimeSeries(req, timeout=10)
+    # What a database restart does to connections idle in the pool.
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        dropped = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+    assert dropped >= 1
+    for _ in range(4):
+        service.stub.QueryTimeSeries(req, timeout=10)
