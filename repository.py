@@ -498,18 +498,24 @@ class Repository:
         with self._ping_lock, _unavailable_on_failure("checking the database"):
             if self._closed:
                 raise DatabaseUnavailable("the repository is closed")
-            if self._ping_conn is None or self._ping_conn.closed:
-                self._ping_conn = psycopg.connect(
-                    self._dsn,
-                    autocommit=True,
-                    connect_timeout=max(1, round(self._connect_timeout_s)),
-                )
-            try:
-                self._ping_conn.execute("SELECT 1")
-            except psycopg.Error:
-                self._ping_conn.close()
-                self._ping_conn = None
-                raise
+            # A kept connection may have died with a database restart: then one new one
+            # decides, so a restart the database is already back from is not reported.
+            for _ in range(2):
+                reused = self._ping_conn is not None and not self._ping_conn.closed
+                if not reused:
+                    self._ping_conn = psycopg.connect(
+                        self._dsn,
+                        autocommit=True,
+                        connect_timeout=max(1, round(self._connect_timeout_s)),
+                    )
+                try:
+                    self._ping_conn.execute("SELECT 1")
+                    return
+                except psycopg.Error:
+                    self._ping_conn.close()
+                    self._ping_conn = None
+                    if not reused:
+                        raise
 
     def migrate(self, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
         """Apply pending migrations in name order, each once; returns the names applied.

@@ -268,3 +268,13 @@ def test_asset_lock_survives_its_idle_connection_being_dropped(repository, dsn):
         )
     with repository.asset_lock(ASSET) as acquired:
         assert acquired
+
+
+def test_ping_answers_after_its_connection_was_dropped(repository, dsn):
+    repository.ping()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    repository.ping()
