@@ -79,3 +79,33 @@ def test_timestamps_outside_the_valid_range_are_invalid_argument(service, case, 
     fields, expected = TIMESTAMPS[case]
     fields = {"fill": fill, **fields}
     assert codes(service, request(**fields)) == (expected, expected)
+
+
+FIELDS = {
+    "zero window": (dict(window="0m"), INVALID),
+    "fractional window": (dict(window="1.5h"), INVALID),
+    "negative window": (dict(window="-1h"), INVALID),
+    "window of 20 digits": (dict(window="99999999999999999999d"), INVALID),
+    "months of 20 digits": (dict(window="99999999999999999999mo"), INVALID),
+    "empty window": (dict(window=""), INVALID),
+    "padded window": (dict(window=" 1h "), OK),
+    "upper-case minutes": (dict(window="1M"), OK),
+    "empty aggregation": (dict(aggregation=""), INVALID),
+    "timezone Local": (dict(timezone="Local"), INVALID),
+    "timezone parent path": (dict(timezone="../etc"), INVALID),
+    "timezone absolute path": (dict(timezone="/etc/localtime"), INVALID),
+    "timezone directory": (dict(timezone="Europe"), INVALID),
+    "timezone data file": (dict(timezone="zone.tab"), INVALID),
+    "timezone with NUL": (dict(timezone="Europe/Berlin\x00"), INVALID),
+    "timezone too long": (dict(timezone="x" * 5000), INVALID),
+    "timezone lower-case utc": (dict(timezone="utc"), INVALID),
+    "unknown fill": (dict(fill="sideways"), INVALID),
+    "asset id with quotes": (dict(asset_id="x'; DROP TABLE points; --"), grpc.StatusCode.NOT_FOUND),
+    "asset id with NUL": (dict(asset_id="a\x00b"), grpc.StatusCode.NOT_FOUND),
+}
+
+
+@pytest.mark.parametrize("case", FIELDS)
+def test_odd_fields_are_answered_or_refused_with_a_clear_code(service, case):
+    fields, expected = FIELDS[case]
+    assert codes(service, request(**fields)) == (expected, expected)
