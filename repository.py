@@ -136,6 +136,8 @@ LEFT JOIN LATERAL (
     WHERE asset_id = %(asset_id)s AND time >= %(end)s ORDER BY time LIMIT 1
 ) after ON TRUE
 """
+# The longest statement_timeout PostgreSQL takes: an int32 of milliseconds, about 24.8 days.
+_MAX_STATEMENT_TIMEOUT_MS = 2_147_483_647
 # The name of the server-side cursor a Snapshot streams buckets through.
 _STREAM_CURSOR = "edgecom_buckets"
 
@@ -755,7 +757,9 @@ class Repository:
                     with conn.transaction():
                         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                         if timeout_s is not None:
-                            timeout_ms = max(1, int(timeout_s * 1000))
+                            timeout_ms = min(
+                                _MAX_STATEMENT_TIMEOUT_MS, max(1, int(timeout_s * 1000))
+                            )
                             conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
                         snapshot = Snapshot(conn)
                         try:

@@ -109,3 +109,10 @@ FIELDS = {
 def test_odd_fields_are_answered_or_refused_with_a_clear_code(service, case):
     fields, expected = FIELDS[case]
     assert codes(service, request(**fields)) == (expected, expected)
+
+
+@pytest.mark.parametrize("timeout_s", [25 * DAY, 400 * DAY])
+def test_a_far_deadline_is_no_deadline_for_the_database(service, timeout_s):
+    req = request()
+    service.stub.QueryTimeSeries(req, timeout=timeout_s)
+    list(service.stub.StreamTimeSeries(req, timeout=timeout_s))
