@@ -478,6 +478,27 @@ class TooManyPoints(Exception):
     """The answer would exceed query.max_points."""
 
 
+# Client values quoted in error messages are cut to this many characters: the message
+# travels in a trailer, and one over the client's metadata limit (8 KiB by default)
+# turns the refusal into RESOURCE_EXHAUSTED or INTERNAL.
+_SHOWN_CHARS = 64
+_SHOWN_ASSETS = 5
+_MAX_DETAILS_CHARS = 2000
+
+
+def _shown(value: str) -> str:
+    """repr() of a client-sent string, cut short when long."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
+
+
+def _known_assets(assets: Sequence[str]) -> str:
+    shown = ", ".join(assets[:_SHOWN_ASSETS])
+    more = len(assets) - _SHOWN_ASSETS
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
 def parse_bucket_window(window: str) -> Window:
     """Parse `5m`, `1h`, `1d`, `1w`, `1mo` and their multiples into a Window."""
     match = _WINDOW_RE.match(window.strip().lower())
@@ -489,7 +510,7 @@ def parse_bucket_window(window: str) -> Window:
             return Window(count, "w")
         if unit == "mo" and count <= MAX_WINDOW_MONTHS:
             return Window(count, "mo")
-    raise InvalidRequest(f"unknown window {window!r}: use {ACCEPTED_WINDOWS}")
+    raise InvalidRequest(f"unknown window {_shown(window)}: use {ACCEPTED_WINDOWS}")
 
 
 def parse_window(window: str) -> int:
@@ -499,7 +520,7 @@ def parse_window(window: str) -> int:
     """
     parsed = parse_bucket_window(window)
     if parsed.unit != "s":
-        raise InvalidRequest(f"window {window!r} is calendar weeks or months, not a length")
+        raise InvalidRequest(f"window {_shown(window)} is calendar weeks or months, not a length")
     return parsed.count
 
 
@@ -508,7 +529,7 @@ def parse_aggregation(aggregation: str) -> str:
     name = aggregation.strip().upper()
     if name not in AGGREGATIONS:
         raise InvalidRequest(
-            f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}"
+            f"unknown aggregation {_shown(aggregation)}: use one of {', '.join(AGGREGATIONS)}"
         )
     return name
 
@@ -527,7 +548,7 @@ def parse_timezone(name: str) -> tuple[str, tzinfo]:
         # KeyError is ZoneInfoNotFoundError; ValueError and OSError are malformed names
         # (absolute or parent paths, directories such as "Europe").
         raise InvalidRequest(
-            f"unknown timezone {name!r}: use an IANA time zone name such as "
+            f"unknown timezone {_shown(name)}: use an IANA time zone name such as "
             "Europe/Berlin, America/New_York or Asia/Kolkata, or leave it empty for UTC"
         ) from None
 
@@ -536,7 +557,7 @@ def parse_fill(fill: str) -> str:
     """Return the canonical (lower-case) fill mode; empty is "none"."""
     name = fill.strip().lower() or "none"
     if name not in FILLS:
-        raise InvalidRequest(f"unknown fill {fill!r}: use one of {', '.join(FILLS)}")
+        raise InvalidRequest(f"unknown fill {_shown(fill)}: use one of {', '.join(FILLS)}")
     return name
 
 
@@ -600,7 +621,9 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
     try:
         buckets = Buckets(window, zone)
     except ValueError as exc:
-        raise InvalidRequest(f"window {request.window!r} in timezone {timezone}: {exc}") from None
+        raise InvalidRequest(
+            f"window {_shown(request.window)} in timezone {timezone}: {exc}"
+        ) from None
     if buckets.layout != "epoch":
         try:
             buckets.edges(start_s, start_s + 1)
@@ -612,7 +635,9 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
             ) from None
     asset_id = request.asset_id or assets[0]
     if asset_id not in assets:
-        raise UnknownAsset(f"asset {asset_id!r} is not configured (known: {', '.join(assets)})")
+        raise UnknownAsset(
+            f"asset {_shown(asset_id)} is not configured (known: {_known_assets(assets)})"
+        )
     return Query(asset_id, start_s, end_s, window, aggregation, timezone, fill, buckets)
 
 
@@ -786,7 +811,10 @@ def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
     except tuple(error for error, _ in _STATUS_BY_ERROR) as exc:
         code = next(code for error, code in _STATUS_BY_ERROR if isinstance(exc, error))
-        context.abort(code, str(exc))
+        details = str(exc)
+        if len(details) > _MAX_DETAILS_CHARS:
+            details = details[:_MAX_DETAILS_CHARS] + "..."
+        context.abort(code, details)
 
 
 # --- server --------------------------------------------------------------------------------

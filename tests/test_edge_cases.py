@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from conftest import ASSET, RunningService
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import edgecom
@@ -116,3 +117,32 @@ def test_a_far_deadline_is_no_deadline_for_the_database(service, timeout_s):
     req = request()
     service.stub.QueryTimeSeries(req, timeout=timeout_s)
     list(service.stub.StreamTimeSeries(req, timeout=timeout_s))
+
+
+LONG = {
+    "window": INVALID,
+    "aggregation": INVALID,
+    "timezone": INVALID,
+    "fill": INVALID,
+    "asset_id": grpc.StatusCode.NOT_FOUND,
+}
+
+
+@pytest.mark.parametrize("field", LONG)
+def test_a_long_value_is_refused_with_its_own_code_and_a_short_message(service, field):
+    # Quoted whole, it would not fit the client's 8 KiB trailer limit.
+    req = request(**{field: "x" * 100_000})
+    assert codes(service, req) == (LONG[field], LONG[field])
+    with pytest.raises(grpc.RpcError) as info:
+        service.stub.QueryTimeSeries(req, timeout=30)
+    assert field.split("_")[0] in info.value.details()
+    assert len(info.value.details()) < 1000
+
+
+def test_an_unknown_asset_among_thousands_configured_is_not_found(repository):
+    assets = (ASSET, *(f"{n:08d}-0000-4000-8000-000000000000" for n in range(2000)))
+    running = RunningService(repository, assets=assets, max_points=1000)
+    try:
+        assert codes(running, request(asset_id="nope")) == (grpc.StatusCode.NOT_FOUND,) * 2
+    finally:
+        running.close()
