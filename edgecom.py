@@ -27,7 +27,13 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api_client import BACKOFF_MAX_S, RETRY_ATTEMPTS, ApiClient, validate_url_template
+from api_client import (
+    BACKOFF_INITIAL_S,
+    BACKOFF_MAX_S,
+    RETRY_ATTEMPTS,
+    ApiClient,
+    validate_url_template,
+)
 from buckets import FILLS, Buckets, Window, fill_gaps
 from interceptors import (
     AuthInterceptor,
@@ -269,7 +275,8 @@ def _build(cls: type, raw: object, env: Mapping[str, str], path: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    # key=str: YAML keys may be numbers or null, which do not compare with strings.
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         raise ConfigError(
             f"{path}.{unknown[0]}: unknown key (known keys in {path}: {', '.join(fields)})"
@@ -310,6 +317,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"upstream.url: {exc}") from None
     if not config.upstream.assets:
         raise ConfigError("upstream.assets: configure at least one asset id")
+    if any(not asset.strip() for asset in config.upstream.assets):
+        raise ConfigError("upstream.assets: an asset id must not be empty")
+    if len(set(config.upstream.assets)) != len(config.upstream.assets):
+        raise ConfigError("upstream.assets: an asset id is listed twice")
     for key, value in (
         ("server.port", config.server.port),
         ("metrics.port", config.metrics.port),
@@ -324,6 +335,8 @@ def _validate(config: Config) -> None:
         "upstream.poll_interval": config.upstream.poll_interval,
         "upstream.retry_attempts": config.upstream.retry_attempts,
         "upstream.bootstrap": config.upstream.bootstrap,
+        "upstream.timeout": config.upstream.timeout,
+        "database.connection_timeout": config.database.connection_timeout,
         "database.max_connections": config.database.max_connections,
         "query.max_points": config.query.max_points,
         "query.page_points": config.query.page_points,
@@ -338,6 +351,18 @@ def _validate(config: Config) -> None:
     ):
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")
+    if not math.isfinite(config.rate_limit.rps):
+        raise ConfigError(f"rate_limit.rps: must be a finite number, got {config.rate_limit.rps}")
+    if config.rate_limit.rps > 0 and config.rate_limit.burst < 1:
+        raise ConfigError(
+            f"rate_limit.burst: must be at least 1 while rate_limit.rps is on, "
+            f"got {config.rate_limit.burst}"
+        )
+    if config.upstream.retry_max_backoff < BACKOFF_INITIAL_S:
+        raise ConfigError(
+            f"upstream.retry_max_backoff: must be at least {BACKOFF_INITIAL_S * 1000:g}ms "
+            f"(the first wait), got {config.upstream.retry_max_backoff:g}s"
+        )
     if config.upstream.overlap > config.upstream.bootstrap:
         raise ConfigError(
             f"upstream.overlap: must not exceed upstream.bootstrap "
@@ -361,6 +386,14 @@ def _validate(config: Config) -> None:
         )
 
 
+def _one_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read config.yaml (or `path`), apply EDGECOM_* overrides from `env` and validate.
 
@@ -372,13 +405,18 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        # PyYAML's message spans several lines; the error must stay on one.
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections")
     raw = _from_go_layout(raw)
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(fields)})")
     sections = {
@@ -440,6 +478,27 @@ class TooManyPoints(Exception):
     """The answer would exceed query.max_points."""
 
 
+# Client values quoted in error messages are cut to this many characters: the message
+# travels in a trailer, and one over the client's metadata limit (8 KiB by default)
+# turns the refusal into RESOURCE_EXHAUSTED or INTERNAL.
+_SHOWN_CHARS = 64
+_SHOWN_ASSETS = 5
+_MAX_DETAILS_CHARS = 2000
+
+
+def _shown(value: str) -> str:
+    """repr() of a client-sent string, cut short when long."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
+
+
+def _known_assets(assets: Sequence[str]) -> str:
+    shown = ", ".join(assets[:_SHOWN_ASSETS])
+    more = len(assets) - _SHOWN_ASSETS
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
 def parse_bucket_window(window: str) -> Window:
     """Parse `5m`, `1h`, `1d`, `1w`, `1mo` and their multiples into a Window."""
     match = _WINDOW_RE.match(window.strip().lower())
@@ -451,7 +510,7 @@ def parse_bucket_window(window: str) -> Window:
             return Window(count, "w")
         if unit == "mo" and count <= MAX_WINDOW_MONTHS:
             return Window(count, "mo")
-    raise InvalidRequest(f"unknown window {window!r}: use {ACCEPTED_WINDOWS}")
+    raise InvalidRequest(f"unknown window {_shown(window)}: use {ACCEPTED_WINDOWS}")
 
 
 def parse_window(window: str) -> int:
@@ -461,7 +520,7 @@ def parse_window(window: str) -> int:
     """
     parsed = parse_bucket_window(window)
     if parsed.unit != "s":
-        raise InvalidRequest(f"window {window!r} is calendar weeks or months, not a length")
+        raise InvalidRequest(f"window {_shown(window)} is calendar weeks or months, not a length")
     return parsed.count
 
 
@@ -470,7 +529,7 @@ def parse_aggregation(aggregation: str) -> str:
     name = aggregation.strip().upper()
     if name not in AGGREGATIONS:
         raise InvalidRequest(
-            f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}"
+            f"unknown aggregation {_shown(aggregation)}: use one of {', '.join(AGGREGATIONS)}"
         )
     return name
 
@@ -489,7 +548,7 @@ def parse_timezone(name: str) -> tuple[str, tzinfo]:
         # KeyError is ZoneInfoNotFoundError; ValueError and OSError are malformed names
         # (absolute or parent paths, directories such as "Europe").
         raise InvalidRequest(
-            f"unknown timezone {name!r}: use an IANA time zone name such as "
+            f"unknown timezone {_shown(name)}: use an IANA time zone name such as "
             "Europe/Berlin, America/New_York or Asia/Kolkata, or leave it empty for UTC"
         ) from None
 
@@ -498,14 +557,34 @@ def parse_fill(fill: str) -> str:
     """Return the canonical (lower-case) fill mode; empty is "none"."""
     name = fill.strip().lower() or "none"
     if name not in FILLS:
-        raise InvalidRequest(f"unknown fill {fill!r}: use one of {', '.join(FILLS)}")
+        raise InvalidRequest(f"unknown fill {_shown(fill)}: use one of {', '.join(FILLS)}")
     return name
+
+
+# The range of a valid google.protobuf.Timestamp, which is also what datetime can hold:
+# 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+MIN_TIMESTAMP_S = -62_135_596_800
+MAX_TIMESTAMP_S = 253_402_300_799
+_NANOS_PER_S = 1_000_000_000
+
+
+def _check_timestamp(name: str, timestamp: Any) -> None:
+    if not MIN_TIMESTAMP_S <= timestamp.seconds <= MAX_TIMESTAMP_S:
+        raise InvalidRequest(
+            f"{name} ({timestamp.seconds} s) is outside the range of a Timestamp: "
+            "use a time from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
+        )
+    if not 0 <= timestamp.nanos < _NANOS_PER_S:
+        raise InvalidRequest(
+            f"{name} has nanos {timestamp.nanos}: a Timestamp's nanos must be 0 to 999999999"
+        )
 
 
 def _ceil_seconds(timestamp: Any) -> int:
     # Points sit on whole seconds, so [start, end) holds the same points as
-    # [ceil(start), ceil(end)) and the query can work in integers.
-    return timestamp.seconds + (1 if timestamp.nanos > 0 else 0)
+    # [ceil(start), ceil(end)) and the query can work in integers. Past the last second
+    # of year 9999 there are no points, and no datetime to query with.
+    return min(MAX_TIMESTAMP_S, timestamp.seconds + (1 if timestamp.nanos > 0 else 0))
 
 
 @dataclass(frozen=True)
@@ -527,6 +606,8 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
     missing = [name for name in ("start", "end") if not request.HasField(name)]
     if missing:
         raise InvalidRequest(f"{' and '.join(missing)} required: set start and end timestamps")
+    _check_timestamp("start", request.start)
+    _check_timestamp("end", request.end)
     start_s, end_s = _ceil_seconds(request.start), _ceil_seconds(request.end)
     if (request.start.seconds, request.start.nanos) >= (request.end.seconds, request.end.nanos):
         raise InvalidRequest(
@@ -540,7 +621,9 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
     try:
         buckets = Buckets(window, zone)
     except ValueError as exc:
-        raise InvalidRequest(f"window {request.window!r} in timezone {timezone}: {exc}") from None
+        raise InvalidRequest(
+            f"window {_shown(request.window)} in timezone {timezone}: {exc}"
+        ) from None
     if buckets.layout != "epoch":
         try:
             buckets.edges(start_s, start_s + 1)
@@ -552,7 +635,9 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
             ) from None
     asset_id = request.asset_id or assets[0]
     if asset_id not in assets:
-        raise UnknownAsset(f"asset {asset_id!r} is not configured (known: {', '.join(assets)})")
+        raise UnknownAsset(
+            f"asset {_shown(asset_id)} is not configured (known: {_known_assets(assets)})"
+        )
     return Query(asset_id, start_s, end_s, window, aggregation, timezone, fill, buckets)
 
 
@@ -726,7 +811,10 @@ def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
     except tuple(error for error, _ in _STATUS_BY_ERROR) as exc:
         code = next(code for error, code in _STATUS_BY_ERROR if isinstance(exc, error))
-        context.abort(code, str(exc))
+        details = str(exc)
+        if len(details) > _MAX_DETAILS_CHARS:
+            details = details[:_MAX_DETAILS_CHARS] + "..."
+        context.abort(code, details)
 
 
 # --- server --------------------------------------------------------------------------------

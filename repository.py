@@ -37,6 +37,8 @@ _AGGREGATE_SQL = {
 # Any constant works as long as every replica uses the same one.
 _MIGRATION_LOCK_KEY = 0x65646765636F6D  # "edgecom"
 _ASSET_LOCK_PREFIX = "edgecom.asset:"
+# Asset locks are taken one asset at a time, so one idle lock connection is kept.
+_IDLE_LOCK_CONNECTIONS = 1
 
 # TimescaleDB storage policies (see Repository.apply_storage_policies). Compressed batches
 # hold one asset's points in time order: the bucketed query reads one asset at a time, and
@@ -134,6 +136,8 @@ LEFT JOIN LATERAL (
     WHERE asset_id = %(asset_id)s AND time >= %(end)s ORDER BY time LIMIT 1
 ) after ON TRUE
 """
+# The longest statement_timeout PostgreSQL takes: an int32 of milliseconds, about 24.8 days.
+_MAX_STATEMENT_TIMEOUT_MS = 2_147_483_647
 # The name of the server-side cursor a Snapshot streams buckets through.
 _STREAM_CURSOR = "edgecom_buckets"
 
@@ -445,7 +449,15 @@ class Repository:
         max_connections: int = 10,
         connect_timeout_s: float = 5.0,
     ) -> None:
+        self._dsn = dsn
         self._connect_timeout_s = connect_timeout_s
+        # Health checks run on a connection of their own: a pool busy with slow streams
+        # and queries is not a database that is down, and must not turn health NOT_SERVING.
+        self._ping_lock = threading.Lock()
+        self._ping_conn: psycopg.Connection | None = None
+        # Idle connections for asset locks, reused from one ingestion run to the next.
+        self._lock_conns_lock = threading.Lock()
+        self._lock_conns: list[psycopg.Connection] = []
         self._pool = psycopg_pool.ConnectionPool(
             dsn,
             min_size=1,
@@ -454,6 +466,9 @@ class Repository:
             timeout=connect_timeout_s,
             kwargs={"connect_timeout": max(1, round(connect_timeout_s)), "autocommit": True},
             name="edgecom",
+            # Connections idle in the pool die with a database restart or a dropped network;
+            # a query handed one would fail UNAVAILABLE although the database is back.
+            check=psycopg_pool.ConnectionPool.check_connection,
         )
         self._closed = False
 
@@ -470,6 +485,14 @@ class Repository:
         if not self._closed:
             self._closed = True
             self._pool.close(timeout=5)
+            with self._ping_lock:
+                if self._ping_conn is not None:
+                    self._ping_conn.close()
+                    self._ping_conn = None
+            with self._lock_conns_lock:
+                idle, self._lock_conns = self._lock_conns, []
+            for conn in idle:
+                conn.close()
 
     def __enter__(self) -> Repository:
         return self.open()
@@ -478,9 +501,32 @@ class Repository:
         self.close()
 
     def ping(self) -> None:
-        """Run a trivial statement; raises DatabaseUnavailable when the database does not answer."""
-        with _unavailable_on_failure("checking the database"), self._pool.connection() as conn:
-            conn.execute("SELECT 1")
+        """Run a trivial statement; raises DatabaseUnavailable when the database does not answer.
+
+        Uses a connection outside the pool, kept between calls, so it answers however busy
+        the pool is. Blocks up to the connect timeout.
+        """
+        with self._ping_lock, _unavailable_on_failure("checking the database"):
+            if self._closed:
+                raise DatabaseUnavailable("the repository is closed")
+            # A kept connection may have died with a database restart: then one new one
+            # decides, so a restart the database is already back from is not reported.
+            for _ in range(2):
+                reused = self._ping_conn is not None and not self._ping_conn.closed
+                if not reused:
+                    self._ping_conn = psycopg.connect(
+                        self._dsn,
+                        autocommit=True,
+                        connect_timeout=max(1, round(self._connect_timeout_s)),
+                    )
+                try:
+                    self._ping_conn.execute("SELECT 1")
+                    return
+                except psycopg.Error:
+                    self._ping_conn.close()
+                    self._ping_conn = None
+                    if not reused:
+                        raise
 
     def migrate(self, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
         """Apply pending migrations in name order, each once; returns the names applied.
@@ -655,16 +701,51 @@ class Repository:
         """Try to take the asset's ingestion lock; yields whether this process holds it.
 
         A session-level advisory lock on a connection held for the duration, so replicas
-        sharing the database never work on the same asset at the same time. Never blocks.
+        sharing the database never work on the same asset at the same time. The connection
+        is not from the pool: the writes made under the lock take pool connections, and
+        must get them however small the pool is. Never waits for the lock.
         """
-        with _unavailable_on_failure("locking an asset"), self._pool.connection() as conn:
-            key = (_ASSET_LOCK_PREFIX + asset_id,)
-            acquired = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", key).fetchone()[0]
-            try:
-                yield acquired
-            finally:
-                if acquired:
+        key = (_ASSET_LOCK_PREFIX + asset_id,)
+        conn, acquired = self._try_lock(key)
+        try:
+            yield acquired
+            if acquired:
+                with _unavailable_on_failure("unlocking an asset"):
                     conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", key)
+        except BaseException:
+            # Closing the session is what surely releases its lock.
+            conn.close()
+            raise
+        self._give_back_lock_connection(conn)
+
+    def _try_lock(self, key: tuple[str]) -> tuple[psycopg.Connection, bool]:
+        """A lock connection and whether it took the lock; raises DatabaseUnavailable."""
+        with self._lock_conns_lock:
+            idle = self._lock_conns.pop() if self._lock_conns else None
+        # An idle connection may have died with a database restart: then a new one.
+        for conn in (idle, None):
+            with _unavailable_on_failure("locking an asset"):
+                if conn is None:
+                    conn = psycopg.connect(
+                        self._dsn,
+                        autocommit=True,
+                        connect_timeout=max(1, round(self._connect_timeout_s)),
+                    )
+                try:
+                    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", key).fetchone()
+                    return conn, row[0]
+                except psycopg.OperationalError:
+                    conn.close()
+                    if conn is not idle:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _give_back_lock_connection(self, conn: psycopg.Connection) -> None:
+        with self._lock_conns_lock:
+            if not self._closed and len(self._lock_conns) < _IDLE_LOCK_CONNECTIONS:
+                self._lock_conns.append(conn)
+                return
+        conn.close()
 
     @contextmanager
     def snapshot(
@@ -685,7 +766,9 @@ class Repository:
                     with conn.transaction():
                         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                         if timeout_s is not None:
-                            timeout_ms = max(1, int(timeout_s * 1000))
+                            timeout_ms = min(
+                                _MAX_STATEMENT_TIMEOUT_MS, max(1, int(timeout_s * 1000))
+                            )
                             conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
                         snapshot = Snapshot(conn)
                         try:

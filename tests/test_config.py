@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,8 @@ database:
         ("upstream: {url: 'ftp://x/{asset_id}'}\n", {}, "upstream.url"),
         ("", {"EDGECOM_SERVER_PORT": "x"}, "EDGECOM_SERVER_PORT: expected a whole number"),
         ("upstream: {assets: []}\n", {}, "upstream.assets"),
+        ("upstream: {assets: ['a', '']}\n", {}, "upstream.assets: an asset id must not be empty"),
+        ("", {"EDGECOM_UPSTREAM_ASSETS": "a,b,a"}, "upstream.assets: an asset id is listed twice"),
         ("logging: {format: xml}\n", {}, "logging.format"),
         ("upstream: {bootstrap: 0}\n", {}, "upstream.bootstrap: must be greater than 0"),
         ("upstream: {bootstrap: 1h, overlap: 2h}\n", {}, "upstream.overlap: must not exceed"),
@@ -134,6 +137,37 @@ def test_bad_config_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "upstream.timeout" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "expected"),
+    [
+        (b"\xff\xfeserver: {}\n", {}, "not UTF-8"),
+        (b"1: a\nfoo: b\n", {}, "1: unknown section"),
+        (b"server: {1: a, foo: b}\n", {}, "server.1: unknown key"),
+        (b"a: [\n", {}, "not valid YAML: line 2"),
+        (b"", {"EDGECOM_RATE_LIMIT_RPS": "nan"}, "rate_limit.rps"),
+        (b"", {"EDGECOM_RATE_LIMIT_RPS": "inf"}, "rate_limit.rps"),
+        (b"rate_limit: {burst: 0}\n", {}, "rate_limit.burst"),
+        (b"", {"EDGECOM_UPSTREAM_TIMEOUT": "0"}, "upstream.timeout"),
+        (b"", {"EDGECOM_UPSTREAM_RETRY_MAX_BACKOFF": "100ms"}, "upstream.retry_max_backoff"),
+        (b"", {"EDGECOM_DATABASE_CONNECTION_TIMEOUT": "0"}, "database.connection_timeout"),
+    ],
+)
+def test_odd_config_stops_start_up_with_one_line_and_exit_code_2(tmp_path, content, env, expected):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "edgecom.py"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EDGECOM_DATABASE_URL": "postgresql://u@127.0.0.1:1/x", **env},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

@@ -163,6 +163,41 @@ def test_database_down_is_unavailable_and_health_not_serving():
         repo.close()
 
 
+def test_health_stays_serving_while_every_pool_connection_is_busy(dsn):
+    with Repository(dsn=dsn, max_connections=2, connect_timeout_s=1) as repo:
+        repo.migrate()
+        running = RunningService(repo, assets=(ASSET,), max_points=100000)
+        health_stub = health_pb2_grpc.HealthStub(running.channel)
+        # Both pool connections wait for the lock in a bucket query until it is released.
+        blocker = psycopg.connect(dsn)
+        blocker.execute("LOCK TABLE points IN ACCESS EXCLUSIVE MODE")
+        calls = [
+            running.stub.QueryTimeSeries.future(request(T0, T0 + DAY, window=f"{n}h"), timeout=30)
+            for n in (1, 2)
+        ]
+        try:
+            with psycopg.connect(dsn, autocommit=True) as watcher:
+
+                def waiting_queries() -> int:
+                    return watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock' AND query LIKE '%%date_bin%%'"
+                    ).fetchone()[0]
+
+                assert wait_for(lambda: waiting_queries() == 2)
+            # Longer than the pool's wait for a connection, several health checks over.
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                status = health_stub.Check(health_pb2.HealthCheckRequest(service="")).status
+                assert status == health_pb2.HealthCheckResponse.SERVING
+                time.sleep(0.1)
+        finally:
+            blocker.close()
+            for call in calls:
+                call.result()
+            running.close()
+
+
 def test_health_is_serving_once_migrated(service):
     health_stub = health_pb2_grpc.HealthStub(service.channel)
     for name in ("", "edgecom.TimeSeriesService"):
@@ -350,3 +385,17 @@ def test_demo_bootstraps_two_years_and_answers_with_the_simulators_data(dsn, grp
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0
+
+
+def test_queries_after_the_pools_connections_were_dropped_get_new_ones(service, dsn):
+    req = request(T0, T0 + DAY)
+    service.stub.QueryTimeSeries(req, timeout=10)
+    # What a database restart does to connections idle in the pool.
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        dropped = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+    assert dropped >= 1
+    for _ in range(4):
+        service.stub.QueryTimeSeries(req, timeout=10)

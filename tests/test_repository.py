@@ -236,3 +236,45 @@ def test_cancellation_from_another_thread_stops_the_query(repository, dsn):
     assert len(errors) == 1 and isinstance(errors[0], QueryCancelled)
     # The connection went back to the pool in a usable state.
     assert query(repository, T0, T0 + DAY, DAY, "SUM") != []
+
+
+def test_ingestion_under_an_asset_lock_works_with_a_one_connection_pool(dsn):
+    with (
+        Repository(dsn=dsn, max_connections=1, connect_timeout_s=1) as repo,
+        Repository(dsn=dsn, max_connections=1, connect_timeout_s=1) as replica,
+    ):
+        repo.migrate()
+        with repo.asset_lock(ASSET) as acquired:
+            assert acquired
+            # What a run does under the lock, each step on a pool connection.
+            assert repo.uncovered(ASSET, T0, T0 + DAY) == [(T0, T0 + DAY)]
+            assert repo.upsert_points(ASSET, [(T0, 1.0)], covered=(T0, T0 + DAY)).changed == 1
+            repo.record_attempt(ASSET, error=None)
+            with replica.asset_lock(ASSET) as other:
+                assert not other
+        with replica.asset_lock(ASSET) as other:
+            assert other
+
+
+def test_asset_lock_survives_its_idle_connection_being_dropped(repository, dsn):
+    with repository.asset_lock(ASSET) as acquired:
+        assert acquired
+    # A database restart or an idle timeout ends the session the next lock would reuse.
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND query LIKE '%%advisory%%'"
+        )
+    with repository.asset_lock(ASSET) as acquired:
+        assert acquired
+
+
+def test_ping_answers_after_its_connection_was_dropped(repository, dsn):
+    repository.ping()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    repository.ping()
