@@ -212,7 +212,7 @@ def _conninfo(**params: object) -> str:
     return " ".join(f"{key}={quote(value)}" for key, value in params.items() if value != "")
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
@@ -433,7 +433,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 # --- queries -------------------------------------------------------------------------------
 
 
-_WINDOW_RE = re.compile(r"^([1-9]\d*)(mo|[mhdw])$")
+_WINDOW_RE = re.compile(r"^([1-9][0-9]*)(mo|[mhdw])$")
 _WINDOW_UNITS = {"m": 60, "h": 3600, "d": 86400}
 ACCEPTED_WINDOWS = (
     '"1m", "5m", "15m", "1h", "1d", "1w" (weeks from Monday), "1mo" (calendar months), '
@@ -922,6 +922,8 @@ class HealthWatch:
                 self._set(serving=False)
             except Exception:
                 log.exception("health check failed")
+                # Cleared, so that the next good check turns health back to SERVING.
+                self._ready.clear()
                 self._set(serving=False)
             self._stop.wait(self._interval_s)
 

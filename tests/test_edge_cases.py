@@ -86,6 +86,7 @@ FIELDS = {
     "zero window": (dict(window="0m"), INVALID),
     "fractional window": (dict(window="1.5h"), INVALID),
     "negative window": (dict(window="-1h"), INVALID),
+    "window in Arabic-Indic digits": (dict(window="\u0661h"), INVALID),
     "window of 20 digits": (dict(window="99999999999999999999d"), INVALID),
     "months of 20 digits": (dict(window="99999999999999999999mo"), INVALID),
     "empty window": (dict(window=""), INVALID),
