@@ -263,16 +263,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_process_serves_and_stops_gracefully_on_sigterm(dsn, tmp_path):
-    port = free_port()
-    env = {
+def process_env(dsn: str, port: int, **overrides: str) -> dict[str, str]:
+    """Environment for running edgecom.py on `dsn` and loopback `port`, logging JSON."""
+    return {
         **os.environ,
         "EDGECOM_DATABASE_URL": dsn,
         "EDGECOM_SERVER_HOST": "127.0.0.1",
         "EDGECOM_SERVER_PORT": str(port),
         "EDGECOM_METRICS_PORT": "0",
         "EDGECOM_LOGGING_FORMAT": "json",
+        **overrides,
     }
+
+
+def test_process_serves_and_stops_gracefully_on_sigterm(dsn, tmp_path):
+    port = free_port()
+    env = process_env(dsn, port)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "edgecom.py")],
         env=env,
@@ -307,16 +313,8 @@ def test_process_serves_and_stops_gracefully_on_sigterm(dsn, tmp_path):
 
 def test_demo_bootstraps_two_years_and_answers_with_the_simulators_data(dsn, grpcurl):
     port = free_port()
-    env = {
-        **os.environ,
-        "EDGECOM_DATABASE_URL": dsn,
-        "EDGECOM_SERVER_HOST": "127.0.0.1",
-        "EDGECOM_SERVER_PORT": str(port),
-        "EDGECOM_METRICS_PORT": "0",
-        "EDGECOM_LOGGING_FORMAT": "json",
-        # The test polls ListAssets far faster than a client would.
-        "EDGECOM_RATE_LIMIT_RPS": "0",
-    }
+    # The test polls ListAssets far faster than a client would.
+    env = process_env(dsn, port, EDGECOM_RATE_LIMIT_RPS="0")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "edgecom.py"), "--demo"],
         env=env,
