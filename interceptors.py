@@ -499,9 +499,9 @@ class QueryCache:
 class DrainInterceptor(_WrappingInterceptor):
     """Counts the calls in flight, so that shutdown can end as soon as the last one is done.
 
-    A call counts from its arrival, before it waits for a worker thread, to its end. Health
-    Watch streams are left out: they last until the client leaves, and would otherwise hold
-    every shutdown for the whole grace period.
+    A call counts from its arrival, before it waits for a worker thread, until grpcio has
+    sent its status. Health Watch streams are left out: they last until the client leaves,
+    and would otherwise hold every shutdown for the whole grace period.
     """
 
     def __init__(self) -> None:
@@ -537,12 +537,16 @@ class DrainInterceptor(_WrappingInterceptor):
     def _around(
         self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
     ) -> Iterator[Any]:
-        try:
-            yield from proceed()
-        finally:
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
+        # The call ends when grpcio has sent its status, not when the handler returns: a large
+        # answer is still being sent then, and stopping the server would cancel it.
+        if not context.add_callback(self._call_ended):
+            self._call_ended()
+        yield from proceed()
+
+    def _call_ended(self) -> None:
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
 
 
 class CacheInterceptor(_WrappingInterceptor):

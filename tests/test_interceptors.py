@@ -28,6 +28,7 @@ from interceptors import (
     CacheInterceptor,
     CacheKey,
     CallInfo,
+    DrainInterceptor,
     MetricsInterceptor,
     QueryCache,
     RateLimitInterceptor,
@@ -791,3 +792,38 @@ def test_interceptors_run_in_the_declared_order() -> None:
             *entered("p0", "p1", "p2", "p3"),
             *left(1, "p3", "p2", "p1", "p0"),
         ]
+
+
+# Drain
+
+
+def test_a_call_counts_as_in_flight_until_its_answer_is_sent() -> None:
+    # Shutdown stops the server at once when no call is in flight: a call whose handler has
+    # returned but whose large answer is still being sent must hold it, or the client gets
+    # UNAVAILABLE instead of its answer.
+    drain = DrainInterceptor()
+    big = protos.TimeSeriesResponse(
+        data=[protos.TimeSeriesDataPoint(time={"seconds": i}, value=i) for i in range(300_000)]
+    )
+
+    answered = threading.Event()
+
+    class _Big(_Servicer):
+        def QueryTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Any:
+            answered.set()
+            return big
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=(drain,))
+    services.add_TimeSeriesServiceServicer_to_server(_Big(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=(("grpc.max_receive_message_length", 64 << 20),)
+    ) as channel:
+        call = services.TimeSeriesServiceStub(channel).QueryTimeSeries.future(
+            _request(), timeout=30
+        )
+        assert answered.wait(10)
+        assert drain.wait_idle(20)
+        server.stop(0).wait()
+        assert len(call.result().data) == len(big.data)
