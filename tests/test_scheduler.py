@@ -753,6 +753,43 @@ def test_a_hanging_answer_for_one_asset_holds_up_no_other(
     assert timed_out and all(r.start and r.end and not r.exc_info for r in timed_out)
 
 
+def test_the_scheduler_stops_soon_while_an_upstream_answer_hangs(
+    hanging_upstream, repository, clock
+):
+    shutdown = threading.Event()
+    with ApiClient(
+        url_template=hanging_upstream,
+        timeout_s=1.0,
+        backoff_initial_s=0.001,
+        backoff_max_s=0.01,
+        stop=shutdown,
+    ) as client:
+        ingestor = Ingestor(
+            client=client,
+            repository=repository,
+            assets=(THIRD_ASSET, ASSET, OTHER_ASSET),
+            bootstrap_s=DAY,
+            chunk_s=DAY,
+            concurrency=4,
+            overlap_s=HOUR,
+            clock=clock,
+        )
+        scheduler = Scheduler(ingestor.run_once, interval_s=0.2, name="test-hanging").start()
+        try:
+            assert wait_for(
+                lambda: all(coverage(repository, ingestor, a) == 1.0 for a in (ASSET, OTHER_ASSET)),
+                timeout_s=20,
+            )
+        finally:
+            # As the service shuts down: the client stops retrying, then the scheduler joins.
+            shutdown.set()
+            stopping = time.monotonic()
+            scheduler.close(timeout_s=10)
+    # The attempt in flight ended at its timeout, and none started after.
+    assert time.monotonic() - stopping < 1.0 + 1.0
+    assert not _thread_alive("test-hanging")
+
+
 # -- progress and shutdown -------------------------------------------------------------------
 
 
