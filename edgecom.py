@@ -53,6 +53,7 @@ from repository import (
     Cancellation,
     ChangeListener,
     DatabaseUnavailable,
+    DataOutOfRange,
     EmbeddedPostgres,
     QueryCancelled,
     Repository,
@@ -796,6 +797,9 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (UnknownAsset, grpc.StatusCode.NOT_FOUND),
     (TooManyPoints, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DatabaseUnavailable, grpc.StatusCode.UNAVAILABLE),
+    # Not INTERNAL: the request is what the database cannot compute (a sum past the largest
+    # double, a time past its calendar), and a smaller window or range can succeed.
+    (DataOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
 )
 
 

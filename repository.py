@@ -233,6 +233,10 @@ class QueryCancelled(Exception):
     """The query was cancelled: by the caller, or because its time ran out."""
 
 
+class DataOutOfRange(Exception):
+    """The database cannot compute with the values involved (an overflowing sum, a bad time)."""
+
+
 @dataclass(frozen=True)
 class AssetStatus:
     """What is stored for one asset and how its ingestion is doing."""
@@ -420,9 +424,18 @@ def _bucket_query(
 
 @contextmanager
 def _unavailable_on_failure(doing: str) -> Iterator[None]:
-    """Turn connection-level failures into DatabaseUnavailable, naming what was being done."""
+    """Turn connection-level failures into DatabaseUnavailable, naming what was being done.
+
+    Data errors become DataOutOfRange: they are about the values, not the connection.
+    """
     try:
         yield
+    except psycopg.DataError as exc:
+        raise DataOutOfRange(
+            f"the database cannot compute this while {doing}: {str(exc).strip()}; "
+            "the stored values or the range are beyond what it can represent: use a smaller "
+            "window, MIN or MAX, or correct the stored values"
+        ) from exc
     except psycopg_pool.PoolTimeout as exc:
         raise DatabaseUnavailable(f"no database connection while {doing}: {exc}") from exc
     except psycopg.OperationalError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 
 import schedule
 
-from api_client import UpstreamError
+from api_client import UpstreamError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class Ingestor:
 
     One algorithm serves bootstrap, polling and catch-up: fetch what the repository has not
     recorded as covered in [now - bootstrap, now), plus the last `overlap` again for late
-    and revised points.
+    and revised points. Several assets are synced at once, and `concurrency` bounds the
+    upstream requests in flight across all of them.
     """
 
     def __init__(
@@ -130,21 +132,45 @@ class Ingestor:
         return (now - self._bootstrap_s) // STEP_S * STEP_S, now
 
     def run_once(self, stop: threading.Event | None = None) -> None:
-        """Sync every asset once; one asset failing never stops the others. Blocks."""
-        stop = stop or threading.Event()
-        for asset_id in self._assets:
-            if stop.is_set():
-                return
-            try:
-                self.sync_asset(asset_id, stop)
-            except Exception:
-                log.exception("ingestion run failed", extra={"asset_id": asset_id})
+        """Sync every asset once, several at a time; blocks until all are done.
 
-    def sync_asset(self, asset_id: str, stop: threading.Event) -> None:
+        One asset failing or hanging never stops or delays the others: each asset worker
+        fetches within its own share of `concurrency`, so a stuck upstream answer holds
+        only that share, until its timeout. Returns soon after `stop` is set.
+        """
+        stop = stop or threading.Event()
+        workers = min(self._concurrency, len(self._assets))
+        if not workers:
+            return
+        # Fixed shares that add up to `concurrency`: one per asset worker, taken for the
+        # asset it syncs and given back after, so the total in flight never exceeds it.
+        shares: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for worker in range(workers):
+            shares.put(self._concurrency // workers + (worker < self._concurrency % workers))
+        with ThreadPoolExecutor(workers, thread_name_prefix="ingest-asset") as pool:
+            for asset_id in self._assets:
+                pool.submit(self._sync_in_share, asset_id, stop, shares)
+
+    def _sync_in_share(
+        self, asset_id: str, stop: threading.Event, shares: queue.SimpleQueue[int]
+    ) -> None:
+        if stop.is_set():
+            return
+        share = shares.get()
+        try:
+            self.sync_asset(asset_id, stop, concurrency=share)
+        except Exception:
+            log.exception("ingestion run failed", extra={"asset_id": asset_id})
+        finally:
+            shares.put(share)
+
+    def sync_asset(
+        self, asset_id: str, stop: threading.Event, *, concurrency: int | None = None
+    ) -> None:
         """Fetch what is missing for one asset, unless another replica is on it. Blocks.
 
-        Returns soon after `stop` is set: chunks in flight are finished and stored, no new
-        ones start.
+        At most `concurrency` fetches (default: the ingestor's) are in flight. Returns soon
+        after `stop` is set: chunks in flight are finished and stored, no new ones start.
         """
         with self._repository.asset_lock(asset_id) as acquired:
             if not acquired:
@@ -153,7 +179,7 @@ class Ingestor:
             # Inside the lock, so what is planned reflects everything other replicas stored.
             start, end = self.window()
             chunks = self._chunks(asset_id, start, end)
-            error, left = self._fetch_all(asset_id, chunks, stop)
+            error, left = self._fetch_all(asset_id, chunks, stop, concurrency or self._concurrency)
             # A run cut short by shutdown is neither a success nor a failure worth recording.
             if error is not None or not left:
                 self._repository.record_attempt(asset_id, error=error)
@@ -168,7 +194,7 @@ class Ingestor:
         return plan_chunks(_union([*gaps, recent]), chunk_s=self._chunk_s)
 
     def _fetch_all(
-        self, asset_id: str, chunks: list[tuple[int, int]], stop: threading.Event
+        self, asset_id: str, chunks: list[tuple[int, int]], stop: threading.Event, concurrency: int
     ) -> tuple[str | None, int]:
         """Fetch and store chunks with bounded concurrency.
 
@@ -178,40 +204,34 @@ class Ingestor:
         tracker = _ProgressTracker(asset_id, len(chunks), self._observer, self._progress_interval_s)
         pending = iter(chunks)
         left = len(chunks)
-        in_flight: set[Future[int]] = set()
+        in_flight: dict[Future[int], tuple[int, int]] = {}
         error: str | None = None
         failures = 0
-        with ThreadPoolExecutor(
-            self._concurrency, thread_name_prefix=f"fetch-{asset_id[:8]}"
-        ) as pool:
+        with ThreadPoolExecutor(concurrency, thread_name_prefix=f"fetch-{asset_id[:8]}") as pool:
             while True:
                 while (
-                    len(in_flight) < self._concurrency
+                    len(in_flight) < concurrency
                     and failures < MAX_CONSECUTIVE_FAILURES
                     and not stop.is_set()
                     and (chunk := next(pending, None)) is not None
                 ):
-                    in_flight.add(pool.submit(self._fetch_chunk, asset_id, *chunk))
+                    in_flight[pool.submit(self._fetch_chunk, asset_id, *chunk)] = chunk
                     left -= 1
                 if not in_flight:
                     break
                 # Woken on time as well, so a slow chunk does not hold back progress reports.
-                done, in_flight = wait(
+                done, _ = wait(
                     in_flight, timeout=tracker.seconds_to_report(), return_when=FIRST_COMPLETED
                 )
                 for future in done:
+                    chunk = in_flight.pop(future)
                     try:
                         tracker.chunk_done(future.result())
                         failures = 0
                     except Exception as exc:
                         failures += 1
                         error = str(exc)
-                        known = isinstance(exc, UpstreamError | _StoreError)
-                        log.warning(
-                            "chunk failed",
-                            extra={"asset_id": asset_id, "error": error},
-                            exc_info=not known,
-                        )
+                        _log_chunk_failure(asset_id, chunk, exc)
                 tracker.report_if_due()
         tracker.finish()
         if failures >= MAX_CONSECUTIVE_FAILURES and left:
@@ -222,7 +242,15 @@ class Ingestor:
         return error, left
 
     def _fetch_chunk(self, asset_id: str, start: int, end: int) -> int:
-        result = self._client.fetch(asset_id, _utc(start), _utc(end))
+        started = time.monotonic()
+        try:
+            result = self._client.fetch(asset_id, _utc(start), _utc(end))
+        except UpstreamUnavailable as exc:
+            if exc.outcome != "timeout":
+                raise
+            # Said plainly up front: this is what an operator looks for in last_error.
+            waited_s = time.monotonic() - started
+            raise _FetchTimedOut(f"timed out after {waited_s:.0f} s: {exc}") from exc
         try:
             # One transaction: the points and the coverage of their range land together.
             self._repository.upsert_points(asset_id, result.points, covered=(start, end))
@@ -234,6 +262,23 @@ class Ingestor:
 
 class _StoreError(Exception):
     """Fetched points could not be written; the chunk stays uncovered."""
+
+
+class _FetchTimedOut(Exception):
+    """The upstream did not answer a chunk in time, on any attempt."""
+
+
+def _log_chunk_failure(asset_id: str, chunk: tuple[int, int], exc: Exception) -> None:
+    where = {
+        "asset_id": asset_id,
+        "start": _utc(chunk[0]).isoformat(),
+        "end": _utc(chunk[1]).isoformat(),
+    }
+    if isinstance(exc, _FetchTimedOut):
+        log.warning("upstream fetch timed out", extra={**where, "error": str(exc)})
+        return
+    known = isinstance(exc, UpstreamError | _StoreError)
+    log.warning("chunk failed", extra={**where, "error": str(exc)}, exc_info=not known)
 
 
 def _utc(seconds: int) -> datetime:

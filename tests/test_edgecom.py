@@ -397,3 +397,17 @@ def test_queries_after_the_pools_connections_were_dropped_get_new_ones(service, 
     assert dropped >= 1
     for _ in range(4):
         service.stub.QueryTimeSeries(req, timeout=10)
+
+
+@pytest.mark.parametrize("aggregation", ["SUM", "AVG"])
+def test_sums_beyond_the_range_of_a_double_are_out_of_range_not_unknown(service, aggregation):
+    # Stored data the database cannot aggregate: two readings near the largest double.
+    service.repository.upsert_points(ASSET, [(T0, 1e308), (T0 + 900, 1e308)])
+    code, details = status_of(
+        lambda: service.stub.QueryTimeSeries(request(T0, T0 + DAY, "1d", aggregation))
+    )
+    assert code == grpc.StatusCode.OUT_OF_RANGE
+    assert "out of range" in details and "stored values" in details
+    # The same data at a finer window, one point per bucket, still answers.
+    reply = service.stub.QueryTimeSeries(request(T0, T0 + DAY, "15m", aggregation))
+    assert points_of(reply) == [(T0, 1e308), (T0 + 900, 1e308)]

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -620,6 +621,175 @@ def test_an_empty_window_is_fully_covered(make_ingestor, clock):
     assert sorted(recorder.synced) == sorted([(ASSET, True, 1.0), (OTHER_ASSET, True, 1.0)])
 
 
+def most_at_once(spans: list[tuple[str, float, float]]) -> int:
+    """The largest number of (label, start, end) spans that overlap at any moment."""
+    # At equal times an end sorts before a start: touching spans do not overlap.
+    events = sorted([(start, 1) for _, start, _ in spans] + [(end, -1) for _, _, end in spans])
+    return max(itertools.accumulate(change for _, change in events), default=0)
+
+
+def test_assets_sync_side_by_side_within_one_bound_on_requests(
+    make_ingestor, make_client, sim, dsn
+):
+    sim.faults.slow_rate, sim.faults.slow_s = 1.0, 0.1
+    spans: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+
+    def record(asset_id: str, outcome: str, duration_s: float) -> None:
+        now = time.monotonic()
+        with lock:
+            spans.append((asset_id, now - duration_s, now))
+
+    assets = (ASSET, OTHER_ASSET, THIRD_ASSET)
+    ingestor = make_ingestor(
+        client=make_client(on_request=record), assets=assets, bootstrap_s=10 * DAY, concurrency=4
+    )
+    start, end = ingestor.window()
+    ingestor.run_once()
+    for asset_id in assets:
+        assert stored(dsn, asset_id) == sim.points(asset_id, start, end)
+    assert len(spans) == 3 * 11
+    assert most_at_once(spans) <= 4
+    # Side by side: requests for different assets were in flight at the same time.
+    assert any(
+        a != b and a_start < b_end and b_start < a_end
+        for (a, a_start, a_end), (b, b_start, b_end) in itertools.combinations(spans, 2)
+    )
+
+
+class _HangsForOneAsset(BaseHTTPRequestHandler):
+    """Sends the headers of an answer for `stuck` and then nothing; relays the rest to `sim`."""
+
+    def __init__(
+        self, *args: Any, stuck: str, sim: Simulator, release: threading.Event, **kwargs: Any
+    ) -> None:
+        self._stuck = stuck
+        self._sim = sim
+        self._release = release
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:
+        if f"/{self._stuck}/" in self.path:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.flush()
+            self._release.wait(60)
+            return
+        relayed = self._sim.url_template.split("/core/")[0] + self.path
+        with urllib.request.urlopen(relayed, timeout=10) as answer:
+            body = answer.read()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hanging_upstream(sim: Simulator) -> Iterator[str]:
+    """URL template of an upstream that never finishes answering for THIRD_ASSET."""
+    release = threading.Event()
+    handler = partial(_HangsForOneAsset, stuck=THIRD_ASSET, sim=sim, release=release)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/core/asset/{{asset_id}}/series"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_hanging_answer_for_one_asset_holds_up_no_other(
+    hanging_upstream, sim, repository, clock, dsn, caplog
+):
+    # Each attempt for the stuck asset ends after a second, and it takes three to give up.
+    with ApiClient(
+        url_template=hanging_upstream,
+        timeout_s=1.0,
+        max_attempts=3,
+        backoff_initial_s=0.001,
+        backoff_max_s=0.01,
+    ) as client:
+        ingestor = Ingestor(
+            client=client,
+            repository=repository,
+            assets=(THIRD_ASSET, ASSET, OTHER_ASSET),
+            bootstrap_s=DAY,
+            chunk_s=DAY,
+            concurrency=4,
+            overlap_s=HOUR,
+            clock=clock,
+        )
+        start, end = ingestor.window()
+        run = threading.Thread(target=ingestor.run_once, name="test-hanging-run")
+        with caplog.at_level(logging.WARNING, logger="scheduler"):
+            run.start()
+            assert wait_for(
+                lambda: all(coverage(repository, ingestor, a) == 1.0 for a in (ASSET, OTHER_ASSET)),
+                timeout_s=20,
+            )
+            # The others are complete while the stuck asset is still waiting on its upstream.
+            stuck = repository.asset_status([THIRD_ASSET], start_s=start, end_s=end)[0]
+            assert stuck.last_error is None and run.is_alive()
+            run.join(30)
+        assert not run.is_alive()
+    for asset_id in (ASSET, OTHER_ASSET):
+        assert stored(dsn, asset_id) == sim.points(asset_id, start, end)
+    stuck = repository.asset_status([THIRD_ASSET], start_s=start, end_s=end)[0]
+    assert stuck.coverage == 0.0 and stuck.last_success_s is None
+    assert "timed out after" in stuck.last_error and THIRD_ASSET in stuck.last_error
+    warnings = [r for r in caplog.records if getattr(r, "asset_id", None) == THIRD_ASSET]
+    assert warnings and all(r.levelno == logging.WARNING for r in warnings)
+    timed_out = [r for r in warnings if r.getMessage() == "upstream fetch timed out"]
+    assert timed_out and all(r.start and r.end and not r.exc_info for r in timed_out)
+
+
+def test_the_scheduler_stops_soon_while_an_upstream_answer_hangs(
+    hanging_upstream, repository, clock
+):
+    shutdown = threading.Event()
+    with ApiClient(
+        url_template=hanging_upstream,
+        timeout_s=1.0,
+        backoff_initial_s=0.001,
+        backoff_max_s=0.01,
+        stop=shutdown,
+    ) as client:
+        ingestor = Ingestor(
+            client=client,
+            repository=repository,
+            assets=(THIRD_ASSET, ASSET, OTHER_ASSET),
+            bootstrap_s=DAY,
+            chunk_s=DAY,
+            concurrency=4,
+            overlap_s=HOUR,
+            clock=clock,
+        )
+        scheduler = Scheduler(ingestor.run_once, interval_s=0.2, name="test-hanging").start()
+        try:
+            assert wait_for(
+                lambda: all(coverage(repository, ingestor, a) == 1.0 for a in (ASSET, OTHER_ASSET)),
+                timeout_s=20,
+            )
+        finally:
+            # As the service shuts down: the client stops retrying, then the scheduler joins.
+            shutdown.set()
+            stopping = time.monotonic()
+            scheduler.close(timeout_s=10)
+    # The attempt in flight ended at its timeout, and none started after.
+    assert time.monotonic() - stopping < 1.0 + 1.0
+    assert not _thread_alive("test-hanging")
+
+
 # -- progress and shutdown -------------------------------------------------------------------
 
 
@@ -672,17 +842,17 @@ def test_stop_between_chunks_leaves_every_stored_chunk_whole(make_ingestor, sim,
     # Stopped soon: the chunks in flight when the event was set finished, none started after.
     assert 5 <= len(recorder.chunks) <= 5 + 3
     assert len(sim.requests) == len(recorder.chunks)
-    assert {asset for asset, _, _ in recorder.chunks} == {ASSET}  # the next asset never began
-    ranges = covered(dsn, ASSET)
-    rows = stored(dsn, ASSET)
-    assert sum(e - s for s, e in ranges) == len(recorder.chunks) * DAY
-    for lower, upper in ranges:
-        assert [p for p in rows if lower <= p[0] < upper] == sim.points(ASSET, lower, upper)
-    assert all(any(lower <= t < upper for lower, upper in ranges) for t, _ in rows)
-    status = repository.asset_status([ASSET], start_s=start, end_s=end)[0]
-    assert 0 < status.coverage < 1
-    assert status.last_success_s is None  # a run cut short is not a success
-    assert stored(dsn, OTHER_ASSET) == []
+    for asset_id in (ASSET, OTHER_ASSET):
+        ranges = covered(dsn, asset_id)
+        rows = stored(dsn, asset_id)
+        chunks = [chunk for chunk in recorder.chunks if chunk[0] == asset_id]
+        assert sum(e - s for s, e in ranges) == len(chunks) * DAY
+        for lower, upper in ranges:
+            assert [p for p in rows if lower <= p[0] < upper] == sim.points(asset_id, lower, upper)
+        assert all(any(lower <= t < upper for lower, upper in ranges) for t, _ in rows)
+        status = repository.asset_status([asset_id], start_s=start, end_s=end)[0]
+        assert status.coverage < 1
+        assert status.last_success_s is None  # a run cut short is not a success
 
 
 # -- the scheduler ---------------------------------------------------------------------------
