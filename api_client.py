@@ -455,8 +455,9 @@ def _status_error(call: _Call, response: httpx.Response, attempt: str) -> Upstre
         )
     else:
         hint = f"not retried; {_STATUS_HINTS.get(status, 'check the request and upstream docs')}"
-    # Status and reason only: the body could be anything, secrets included.
-    detail = f"HTTP {status} {response.reason_phrase} ({hint})"
+    # The status and its standard reason only: the body, and even the reason phrase the
+    # server sent, could hold anything, secrets included.
+    detail = f"HTTP {status} {httpx.codes.get_reason_phrase(status) or 'Unknown'} ({hint})"
     return UpstreamStatusError(
         call.asset_id,
         call.start,
