@@ -604,14 +604,18 @@ def _headers(handler: BaseHTTPRequestHandler, status: int, headers: dict[str, st
     handler.end_headers()
 
 
-def _huge(handler: BaseHTTPRequestHandler) -> None:
-    """A 50 MB answer, written in pieces so the server itself holds little."""
-    size = 50 * 1024 * 1024
-    _headers(handler, 200, {"Content-Length": str(size), "Content-Type": "application/json"})
-    handler.wfile.write(b'{"result": [')
-    piece = b" " * 65536
-    for _ in range((size - 14) // len(piece)):
-        handler.wfile.write(piece)
+def _huge(handler: BaseHTTPRequestHandler, *, declared: bool) -> None:
+    """A 50 MB answer, written in pieces so the server itself holds little; with its length
+    declared, or in chunked encoding so that only reading can tell its size."""
+    size, piece = 50 * 1024 * 1024, b" " * 65536
+    if declared:
+        _headers(handler, 200, {"Content-Length": str(size)})
+        frame = piece
+    else:
+        _headers(handler, 200, {"Transfer-Encoding": "chunked"})
+        frame = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    for _ in range(size // len(piece)):
+        handler.wfile.write(frame)
 
 
 @pytest.fixture(scope="module")
@@ -639,8 +643,11 @@ def _peak_bytes(action: Callable[[], Any]) -> tuple[int, BaseException | None]:
     return peak, failure
 
 
-def test_a_huge_answer_is_refused_while_reading(hostile: Callable, make_client: Callable) -> None:
-    url_template, requests = hostile(_huge)
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_huge_answer_is_refused_while_reading(
+    hostile: Callable, make_client: Callable, declared: bool
+) -> None:
+    url_template, requests = hostile(partial(_huge, declared=declared))
     client = make_client(url_template, max_response_bytes=LIMIT, max_attempts=3)
     peak, failure = _peak_bytes(lambda: client.fetch(ASSET, *DAY))
     assert isinstance(failure, UpstreamBadResponse)
