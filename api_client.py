@@ -59,7 +59,6 @@ _MALFORMED = "malformed"
 _OUTSIDE = "outside the range asked for"
 _FUTURE = "later than now"
 _IMPLAUSIBLE = f"not finite or beyond {MAX_ABS_VALUE:g} in magnitude"
-MAX_ABS_VALUE = 1e15
 
 OUTCOMES = (
     "ok",
@@ -179,7 +178,10 @@ class ApiClient:
     """Fetches series over one keep-alive connection pool; safe to share between threads.
 
     Connection errors, timeouts, 429, 5xx and unusable bodies are retried with exponential
-    backoff and jitter (honouring Retry-After up to backoff_max_s); other statuses are not.
+    backoff and jitter (honouring Retry-After up to backoff_max_s); other statuses, redirects
+    (never followed) and answers over max_response_bytes are not. Each attempt, body
+    included, ends within timeout_s. Errors and logs above debug level carry the status and
+    its standard reason, never text the upstream sent.
     """
 
     def __init__(
@@ -573,7 +575,7 @@ def _decoded(response: httpx.Response, budget: int) -> Iterator[bytes]:
     elif encoding == "identity":
         inflater = None
     else:
-        raise ValueError(f"unsupported content-encoding {encoding[:40]!r}")
+        raise ValueError("a content-encoding other than gzip")
     left = budget + 1
     for raw in response.iter_raw():
         data = raw
