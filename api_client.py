@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
+import ssl
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote, urlsplit
 
+import httpcore
 import httpx
 from tenacity import (
     RetryCallState,
@@ -31,14 +36,29 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 KEEPALIVE_CONNECTIONS = 8
 KEEPALIVE_EXPIRY_S = 30.0
+# The largest answer read, counted after decompression. A 7-day chunk of 15-minute points is
+# 672 points of about 40 bytes, 27 KB; 4 MiB leaves room for a finer series, a verbose
+# upstream or a chunk of up to two years. It is kept this low because the parsed answer takes
+# more room than its text (about 6 times for real points, up to about 25 times for hostile
+# JSON such as millions of empty objects), so one answer stays near 100 MB at worst.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# Readings of larger magnitude are refused as implausible: 1e15 is above any energy reading
+# (1e15 Wh is a petawatt-hour, a large country's yearly use) or power, yet a SUM over a
+# trillion such points (1e27) stays far below double precision's overflow at 1.8e308.
+MAX_ABS_VALUE = 1e15
 
 _PLACEHOLDER = "{asset_id}"
 # Configs written for the earlier Go service spell the placeholder this way.
 _PLACEHOLDER_ALIAS = "{asset-id}"
 _QUERY_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 _EXCERPT_CHARS = 200
-# Later than this, datetime (and PostgreSQL timestamptz) cannot hold the time: year 9999.
-_MAX_TIME_S = 253_402_300_799
+# We decode answers ourselves (see _decoded), so we offer only what zlib can bound.
+_ACCEPT_ENCODING = "gzip"
+_ZLIB_ENCODINGS = ("gzip", "x-gzip", "deflate")
+_MALFORMED = "malformed"
+_OUTSIDE = "outside the range asked for"
+_FUTURE = "later than now"
+_IMPLAUSIBLE = f"not finite or beyond {MAX_ABS_VALUE:g} in magnitude"
 
 OUTCOMES = (
     "ok",
@@ -85,12 +105,10 @@ class UpstreamStatusError(UpstreamError):
         detail: str,
         *,
         status: int,
-        body: str,
         retry_after_s: float | None = None,
     ) -> None:
         super().__init__(asset_id, start, end, detail)
         self.status = status
-        self.body = body
         self.retry_after_s = retry_after_s
         self.outcome = _status_outcome(status)
 
@@ -109,6 +127,10 @@ class UpstreamBadResponse(UpstreamError):
     """The API answered 2xx with a body that is not JSON or has no "result" list."""
 
     outcome = "bad_response"
+
+
+class UpstreamTooLarge(UpstreamBadResponse):
+    """The answer passed max_response_bytes; not retried, as it would be as large again."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +178,10 @@ class ApiClient:
     """Fetches series over one keep-alive connection pool; safe to share between threads.
 
     Connection errors, timeouts, 429, 5xx and unusable bodies are retried with exponential
-    backoff and jitter (honouring Retry-After up to backoff_max_s); other statuses are not.
+    backoff and jitter (honouring Retry-After up to backoff_max_s); other statuses, redirects
+    (never followed) and answers over max_response_bytes are not. Each attempt, body
+    included, ends within timeout_s. Errors and logs above debug level carry the status and
+    its standard reason, never text the upstream sent.
     """
 
     def __init__(
@@ -170,10 +195,14 @@ class ApiClient:
         user_agent: str = f"edgecom/{VERSION}",
         on_request: Callable[[str, str, float], None] | None = None,
         stop: threading.Event | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         validate_url_template(url_template)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be at least 1, got {max_response_bytes}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         if backoff_initial_s < 0 or backoff_max_s < backoff_initial_s:
@@ -187,6 +216,8 @@ class ApiClient:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._on_request = on_request
+        self._max_response_bytes = max_response_bytes
+        self._clock = clock
         self._closed = False
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout_s),
@@ -194,9 +225,16 @@ class ApiClient:
                 max_keepalive_connections=KEEPALIVE_CONNECTIONS,
                 keepalive_expiry=KEEPALIVE_EXPIRY_S,
             ),
-            headers={"User-Agent": user_agent, "Accept": "application/json"},
-            follow_redirects=True,
+            headers={
+                "User-Agent": user_agent,
+                "Accept": "application/json",
+                "Accept-Encoding": _ACCEPT_ENCODING,
+            },
+            # A redirect could send the request, and its answer into our errors, to any host
+            # the service can reach: the configured url must be the one that answers.
+            follow_redirects=False,
         )
+        _bound_by_deadline(self._http)
         # Once `stop` is set (the service is shutting down) no further attempt starts and
         # a backoff wait ends at once, so a failing upstream cannot hold up the exit.
         self._stop = stop or threading.Event()
@@ -276,27 +314,35 @@ class ApiClient:
         return items
 
     def _exchange(self, call: _Call, attempt: str) -> list[object]:
+        # The whole exchange, body included, shares one deadline (see _DeadlineStream).
+        _deadline.at = time.monotonic() + self._timeout_s
         try:
-            response = self._http.get(call.url)
+            with self._http.stream("GET", call.url) as response:
+                if not response.is_success:
+                    _log_body_excerpt(call, response)
+                    raise _status_error(call, response, attempt)
+                body = _read_body(call, response, self._max_response_bytes, attempt)
         except httpx.TimeoutException as exc:
             detail = (
-                f"no answer within {self._timeout_s} s on {attempt} ({type(exc).__name__}); "
-                "raise the upstream timeout if the API is just slow"
+                f"timed out after {self._timeout_s:g} s on {attempt} ({type(exc).__name__}); "
+                "raise upstream.timeout if the API is just slow"
             )
             raise UpstreamUnavailable(
                 call.asset_id, call.start, call.end, detail, timed_out=True
             ) from exc
         except httpx.HTTPError as exc:
+            # Only connect errors have a message free of what the server sent.
+            cause = f"{type(exc).__name__}: {exc}" if isinstance(exc, httpx.ConnectError) else ""
             detail = (
-                f"cannot reach {call.url.host} on {attempt} ({type(exc).__name__}: {exc}); "
+                f"cannot reach {call.url.host} on {attempt} ({cause or type(exc).__name__}); "
                 "check the upstream url and the network"
             )
             raise UpstreamUnavailable(
                 call.asset_id, call.start, call.end, detail, timed_out=False
             ) from exc
-        if not response.is_success:
-            raise _status_error(call, response, attempt)
-        return _result_items(call, response, attempt)
+        finally:
+            _deadline.at = None
+        return _result_items(call, body, attempt)
 
     def _report(self, asset_id: str, outcome: str, duration_s: float) -> None:
         if self._on_request is None:
@@ -323,68 +369,78 @@ class ApiClient:
     # -- validation ------------------------------------------------------------------------
 
     def _collect(self, call: _Call, items: list[object]) -> FetchResult:
-        """Keep valid items (last one per time wins), count and log the others once."""
+        """Keep plausible points asked for (last one per time wins), count the others."""
+        first, end = int(call.start.timestamp()), int(call.end.timestamp())
+        now = math.floor(self._clock())
         by_time: dict[int, float] = {}
-        skipped = 0
+        refused: dict[str, int] = {}
         example: object = None
         for item in items:
-            point = _valid_point(item)
-            if point is None:
-                skipped += 1
-                example = item if skipped == 1 else example
+            checked = _check_point(item, first, end, now)
+            if isinstance(checked, str):
+                refused[checked] = refused.get(checked, 0) + 1
+                example = item if example is None else example
             else:
-                by_time[point[0]] = point[1]
+                by_time[checked[0]] = checked[1]
+        skipped = sum(refused.values())
         if skipped:
+            # Counts only: item text is upstream body text, which stays out of the logs.
             logger.warning(
-                "asset=%s start=%s end=%s skipped %d of %d invalid items, e.g. %.200r",
+                "asset=%s start=%s end=%s skipped %d of %d items: %s",
                 call.asset_id,
                 _iso(call.start),
                 _iso(call.end),
                 skipped,
                 len(items),
-                example,
+                ", ".join(f"{count} {why}" for why, count in refused.items()),
             )
+            logger.debug("asset=%s first skipped item: %.200r", call.asset_id, example)
         return FetchResult(points=sorted(by_time.items()), skipped=skipped)
 
 
-def _valid_point(item: object) -> tuple[int, float] | None:
-    """(time, value) if item is {"time": int seconds, "value": finite number}, else None."""
+def _check_point(item: object, first: int, end: int, now: int) -> tuple[int, float] | str:
+    """(time, value) if item is {"time": int seconds, "value": number} with a time in
+    [first, end) and not after now and a plausible value; else the reason it is refused."""
     if not isinstance(item, dict):
-        return None
+        return _MALFORMED
     t, value = item.get("time"), item.get("value")
     # bool is an int subclass, but true/false is never a time or a reading.
-    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= _MAX_TIME_S:
-        return None
+    if isinstance(t, bool) or not isinstance(t, int):
+        return _MALFORMED
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
+        return _MALFORMED
+    if not first <= t < end:
+        return _OUTSIDE
+    if t > now:
+        return _FUTURE
     try:
         number = float(value)
     except OverflowError:
-        return None
-    return (t, number) if math.isfinite(number) else None
+        return _IMPLAUSIBLE
+    return (t, number) if abs(number) <= MAX_ABS_VALUE else _IMPLAUSIBLE
 
 
-def _result_items(call: _Call, response: httpx.Response, attempt: str) -> list[object]:
+def _result_items(call: _Call, body: bytearray, attempt: str) -> list[object]:
     try:
-        payload = response.json()
+        payload = json.loads(body)
+    except RecursionError:
+        why = "nested too deeply"
+    except json.JSONDecodeError as exc:
+        why = f"{exc.msg} at character {exc.pos}"
     except ValueError:
-        content_type = response.headers.get("content-type", "none")
+        why = "text that is not UTF-8 or a number too long"
+    else:
+        result = payload.get("result") if isinstance(payload, dict) else None
+        if isinstance(result, list):
+            return result
+        _log_excerpt(call, body)
         raise UpstreamBadResponse(
-            call.asset_id,
-            call.start,
-            call.end,
-            f"answer is not JSON (content-type {content_type}) on {attempt}; "
-            f"body: {_excerpt(response)!r}",
-        ) from None
-    result = payload.get("result") if isinstance(payload, dict) else None
-    if not isinstance(result, list):
-        raise UpstreamBadResponse(
-            call.asset_id,
-            call.start,
-            call.end,
-            f'answer has no "result" list on {attempt}; body: {_excerpt(response)!r}',
+            call.asset_id, call.start, call.end, f'answer has no "result" list on {attempt}'
         )
-    return result
+    _log_excerpt(call, body)
+    raise UpstreamBadResponse(
+        call.asset_id, call.start, call.end, f"answer is not JSON ({why}) on {attempt}"
+    )
 
 
 def _status_error(call: _Call, response: httpx.Response, attempt: str) -> UpstreamStatusError:
@@ -394,19 +450,32 @@ def _status_error(call: _Call, response: httpx.Response, attempt: str) -> Upstre
         hint = f"on {attempt}" + (
             "; lower the polling concurrency if this persists" if status == 429 else ""
         )
+    elif 300 <= status <= 399:
+        hint = (
+            f"not retried; redirect to {_redirect_host(call, response)} refused: "
+            "set upstream.url to the address that answers"
+        )
     else:
         hint = f"not retried; {_STATUS_HINTS.get(status, 'check the request and upstream docs')}"
-    body = _excerpt(response)
-    detail = f"HTTP {status} {response.reason_phrase} ({hint}); body: {body!r}"
+    # The status and its standard reason only: the body, and even the reason phrase the
+    # server sent, could hold anything, secrets included.
+    detail = f"HTTP {status} {httpx.codes.get_reason_phrase(status) or 'Unknown'} ({hint})"
     return UpstreamStatusError(
         call.asset_id,
         call.start,
         call.end,
         detail,
         status=status,
-        body=body,
         retry_after_s=retry_after,
     )
+
+
+def _redirect_host(call: _Call, response: httpx.Response) -> str:
+    try:
+        host = call.url.join(response.headers.get("location", "")).host
+    except httpx.InvalidURL:
+        host = ""
+    return host or "an unreadable location"
 
 
 def _retry_after_s(header: str | None) -> float | None:
@@ -437,6 +506,8 @@ def _status_outcome(status: int) -> str:
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, UpstreamStatusError):
         return _retryable_status(exc.status)
+    if isinstance(exc, UpstreamTooLarge):
+        return False
     return isinstance(exc, UpstreamUnavailable | UpstreamBadResponse)
 
 
@@ -461,10 +532,164 @@ def _query_bounds(start: datetime, end: datetime) -> tuple[datetime, datetime]:
     return bounds[0], bounds[1]
 
 
-def _excerpt(response: httpx.Response) -> str:
-    """The body's first characters, whitespace squeezed, for error messages."""
-    text = " ".join(response.text.split())
-    return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
+def _read_body(call: _Call, response: httpx.Response, limit: int, attempt: str) -> bytearray:
+    """The decoded body; raises UpstreamTooLarge as soon as it passes limit bytes."""
+    too_large = UpstreamTooLarge(
+        call.asset_id,
+        call.start,
+        call.end,
+        f"answer larger than {limit} bytes on {attempt}, not retried; "
+        "raise upstream.max_response_bytes or lower upstream.chunk",
+    )
+    declared = response.headers.get("content-length", "")
+    # Known too large without a byte read (when the length is not that of a compressed body).
+    if (
+        not response.headers.get("content-encoding")
+        and declared.isdigit()
+        and int(declared) > limit
+    ):
+        raise too_large
+    body = bytearray()
+    try:
+        for piece in _decoded(response, limit):
+            body += piece
+    except (zlib.error, ValueError) as exc:
+        raise UpstreamBadResponse(
+            call.asset_id, call.start, call.end, f"answer cannot be decoded ({exc}) on {attempt}"
+        ) from None
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
+def _decoded(response: httpx.Response, budget: int) -> Iterator[bytes]:
+    """The body's decoded pieces, at most budget + 1 bytes in all: one byte more than budget
+    tells that the body is longer. Raises ValueError for an encoding other than gzip.
+
+    httpx decodes each network read whole, so 64 KB of gzip could become 64 MB in one piece;
+    zlib's max_length keeps every piece within what is left of the budget instead.
+    """
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in _ZLIB_ENCODINGS:
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header
+    elif encoding == "identity":
+        inflater = None
+    else:
+        raise ValueError("a content-encoding other than gzip")
+    left = budget + 1
+    for raw in response.iter_raw():
+        data = raw
+        while data and left > 0:
+            if inflater is None:
+                piece, data = data[:left], b""
+            else:
+                piece = inflater.decompress(data, left)
+                data = inflater.unconsumed_tail
+            left -= len(piece)
+            yield piece
+        if left <= 0:
+            return
+
+
+def _log_excerpt(call: _Call, body: bytes | bytearray) -> None:
+    """The start of an unusable body, at debug level only: it may hold anything."""
+    if logger.isEnabledFor(logging.DEBUG):
+        text = " ".join(bytes(body[:_EXCERPT_CHARS]).decode("utf-8", "replace").split())
+        logger.debug("asset=%s answer starts: %r", call.asset_id, text)
+
+
+def _log_body_excerpt(call: _Call, response: httpx.Response) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        try:
+            _log_excerpt(call, b"".join(_decoded(response, _EXCERPT_CHARS)))
+        except (httpx.HTTPError, zlib.error, ValueError) as exc:
+            logger.debug("asset=%s answer unreadable: %s", call.asset_id, type(exc).__name__)
+
+
+# -- one deadline per request --------------------------------------------------------------
+#
+# httpx's timeout limits each network read, so an answer that drips a byte a second never
+# times out. Each exchange sets a deadline for its thread (httpx's sync client does all I/O in
+# the calling thread), and every connection of the client cuts its reads, writes and
+# connects to what is left of it.
+
+_deadline = threading.local()
+
+
+def _left_s(timeout: float | None, expired: type[Exception]) -> float | None:
+    """timeout, cut to what is left of the calling thread's deadline; raises expired if none."""
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise expired("the request's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _left_s(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _left_s(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _left_s(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _left_s(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        )
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        timeout = _left_s(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _bound_by_deadline(client: httpx.Client) -> None:
+    """Make every connection of client, direct or through a proxy, honour the deadline.
+
+    httpx takes no network backend, so this wraps the one of each connection pool it built;
+    a version of httpx without these attributes fails here, at start-up, not silently.
+    """
+    for transport in (client._transport, *client._mounts.values()):
+        if transport is not None:
+            pool = transport._pool  # type: ignore[attr-defined]
+            pool._network_backend = _DeadlineBackend(pool._network_backend)
 
 
 def _iso(moment: datetime) -> str:

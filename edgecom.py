@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from api_client import (
     BACKOFF_INITIAL_S,
     BACKOFF_MAX_S,
+    MAX_RESPONSE_BYTES,
     RETRY_ATTEMPTS,
     ApiClient,
     validate_url_template,
@@ -123,6 +124,7 @@ class UpstreamConfig:
     overlap: float = _duration(3600.0)
     retry_attempts: int = RETRY_ATTEMPTS
     retry_max_backoff: float = _duration(BACKOFF_MAX_S)
+    max_response_bytes: int = MAX_RESPONSE_BYTES
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,7 @@ def _validate(config: Config) -> None:
         "upstream.retry_attempts": config.upstream.retry_attempts,
         "upstream.bootstrap": config.upstream.bootstrap,
         "upstream.timeout": config.upstream.timeout,
+        "upstream.max_response_bytes": config.upstream.max_response_bytes,
         "database.connection_timeout": config.database.connection_timeout,
         "database.max_connections": config.database.max_connections,
         "query.max_points": config.query.max_points,
@@ -1220,6 +1223,7 @@ def run(
                 backoff_max_s=config.upstream.retry_max_backoff,
                 on_request=observer.upstream_request,
                 stop=stop,
+                max_response_bytes=config.upstream.max_response_bytes,
             )
         )
         ingestor = Ingestor(

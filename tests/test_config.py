@@ -111,6 +111,7 @@ database:
         ("upstream: {bootstrap: 0}\n", {}, "upstream.bootstrap: must be greater than 0"),
         ("upstream: {bootstrap: 1h, overlap: 2h}\n", {}, "upstream.overlap: must not exceed"),
         ("upstream: {chunk: 1m}\n", {}, "upstream.chunk: must be at least 15m"),
+        ("upstream: {max_response_bytes: 0}\n", {}, "upstream.max_response_bytes: must be"),
         ("storage: {retention: 0}\n", {}, "storage.retention"),
         ("auth: {tokens: ['a', '']}\n", {}, "auth.tokens"),
         ("", {"EDGECOM_UPSTREAM_RETRY_ATTEMPTS": "0"}, "upstream.retry_attempts"),

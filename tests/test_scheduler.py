@@ -546,8 +546,9 @@ def test_unknown_asset_fails_alone(make_ingestor, sim, repository, dsn):
     assert len(not_found) <= MAX_CONSECUTIVE_FAILURES + 4 - 1
 
 
-def test_points_outside_the_requested_range_are_stored(repository, clock, dsn):
-    """The upstream decides what it sends; every valid point it returns is kept."""
+def test_points_outside_the_requested_range_are_skipped(repository, clock, dsn):
+    """Points the upstream sends outside the range asked for are not stored; the range is
+    still covered."""
     elsewhere = [(NOW // STEP_S * STEP_S - 400 * DAY, 42.0), (NOW // STEP_S * STEP_S + DAY, 7.5)]
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_FixedAnswer, points=elsewhere))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
@@ -570,7 +571,7 @@ def test_points_outside_the_requested_range_are_stored(repository, clock, dsn):
         server.shutdown()
         server.server_close()
         thread.join(5)
-    assert stored(dsn, ASSET) == elsewhere
+    assert stored(dsn, ASSET) == []
     assert coverage(repository, ingestor, ASSET) == 1.0
 
 
