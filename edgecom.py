@@ -379,6 +379,11 @@ def _validate(config: Config) -> None:
                 raise ValueError("must be greater than 0; leave it empty to keep everything")
         except ValueError as exc:
             raise ConfigError(f"storage.retention: {exc}") from None
+    if not config.metrics.host.strip():
+        raise ConfigError(
+            "metrics.host: must not be empty: 127.0.0.1 listens on loopback only, "
+            "0.0.0.0 on every interface"
+        )
     if any(not token for token in config.auth.tokens):
         raise ConfigError("auth.tokens: a token must not be empty")
     if config.upstream.chunk < STEP_S:
@@ -1152,7 +1157,7 @@ def _certificate_name(cert_file: str) -> str | None:
     for kind in ("DNS", "IP Address"):
         for name_kind, name in names:
             if name_kind == kind:
-                # Any name matches a wildcard's pattern; gRPC checks the rest of it.
+                # A wildcard covers any one label in its place.
                 return name.replace("*", "edgecom", 1) if name.startswith("*.") else name
     for rdn in decoded.get("subject", ()):
         for attribute, value in rdn:

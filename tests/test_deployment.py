@@ -579,6 +579,12 @@ def test_configmap_config_loads_with_the_service_loader(
     load_config(path, env={"EDGECOM_DATABASE_PASSWORD": "from-the-secret"})
 
 
+def test_an_empty_metrics_host_is_refused(load_config: Callable[..., Any]) -> None:
+    # An empty address would make the metrics listener take every interface.
+    with pytest.raises(Exception, match=r"^metrics\.host: must not be empty"):
+        load_config(REPO_CONFIG, env={"EDGECOM_METRICS_HOST": ""})
+
+
 @pytest.mark.parametrize("service", ["edgecom", "edgecom-demo"])
 def test_compose_environment_loads_with_the_service_loader(
     load_config: Callable[..., Any], service: str
