@@ -93,10 +93,13 @@ USER 10001:10001
 # gRPC (server.port) and Prometheus metrics (metrics.port, path /metrics).
 EXPOSE 50051 9090
 
-# Asks the standard grpc.health.v1 service; SERVING once the database is reachable
-# and migrated. The proxy option keeps a container-wide http_proxy from capturing it.
+# `edgecom.py --health-check` asks the standard grpc.health.v1 service on server.port,
+# reading the same config file (EDGECOM_CONFIG) and EDGECOM_* variables as the service,
+# over TLS when server.tls is set: SERVING (exit 0) once the database is reachable and
+# migrated, exit 1 otherwise. Pass a config file as EDGECOM_CONFIG, not --config, so the
+# health check reads it too.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc; port = os.environ.get('EDGECOM_SERVER_PORT', '50051'); channel = grpc.insecure_channel(f'127.0.0.1:{port}', options=[('grpc.enable_http_proxy', 0)]); reply = rpc.HealthStub(channel).Check(pb.HealthCheckRequest(service=''), timeout=4); sys.exit(reply.status != pb.HealthCheckResponse.SERVING)"]
+    CMD ["python", "/app/edgecom.py", "--health-check"]
 
 # The service flips health to NOT_SERVING and drains within server.grace_period.
 STOPSIGNAL SIGTERM

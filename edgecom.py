@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -110,6 +111,9 @@ class ServerConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     port: int = 9090
+    # Loopback: a bare run does not publish its metrics to the network. Containers and pods
+    # set 0.0.0.0 so Prometheus can scrape the pod address.
+    host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class AuthConfig:
     tokens: tuple[str, ...] = ()
+    tokens_file: str = ""  # one token per line, added to tokens; read at start-up
 
 
 @dataclass(frozen=True)
@@ -378,6 +383,11 @@ def _validate(config: Config) -> None:
                 raise ValueError("must be greater than 0; leave it empty to keep everything")
         except ValueError as exc:
             raise ConfigError(f"storage.retention: {exc}") from None
+    if not config.metrics.host.strip():
+        raise ConfigError(
+            "metrics.host: must not be empty: 127.0.0.1 listens on loopback only, "
+            "0.0.0.0 on every interface"
+        )
     if any(not token for token in config.auth.tokens):
         raise ConfigError("auth.tokens: a token must not be empty")
     if config.upstream.chunk < STEP_S:
@@ -1011,6 +1021,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="configuration file (default: $EDGECOM_CONFIG or config.yaml beside edgecom.py)",
     )
+    parser.add_argument(
+        "--health-check",
+        action="store_true",
+        help="ask the service running on this host (server.port, over TLS when server.tls is "
+        "set) for its health and exit: 0 when SERVING, 1 otherwise",
+    )
     return parser.parse_args(argv)
 
 
@@ -1102,6 +1118,113 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair])
 
 
+def with_file_tokens(config: Config) -> Config:
+    """config with the tokens of auth.tokens_file added to auth.tokens. Raises ConfigError.
+
+    The file holds one token per line; blank lines and lines starting with # are ignored.
+    """
+    path = config.auth.tokens_file
+    if not path:
+        return config
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"auth.tokens_file: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"auth.tokens_file: {path} is not UTF-8 text") from None
+    lines = (line.strip() for line in text.splitlines())
+    tokens = tuple(line for line in lines if line and not line.startswith("#"))
+    # An empty file must not quietly leave the API open: it is a Secret that did not arrive.
+    if not tokens:
+        raise ConfigError(
+            f"auth.tokens_file: {path} holds no token (one per line; blank lines and # comments "
+            "are ignored)"
+        )
+    auth = dataclasses.replace(config.auth, tokens=config.auth.tokens + tokens)
+    return dataclasses.replace(config, auth=auth)
+
+
+# Probes run the health check every few seconds with a 5 s timeout; Python needs about 1 s to
+# start, so the call itself gets the rest.
+HEALTH_CHECK_TIMEOUT_S = 3.0
+# Addresses that mean "every interface": the check asks over loopback then.
+_ANY_HOST = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def _certificate_name(cert_file: str) -> str | None:
+    """The first DNS name (else IP address, else common name) the certificate names."""
+    # The standard library decodes a PEM file only through this long-standing private
+    # helper; without it the check falls back to the address it connects to.
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    try:
+        decoded = decode(cert_file) if decode else {}
+    except (OSError, ValueError):
+        decoded = {}
+    names = decoded.get("subjectAltName", ())
+    for kind in ("DNS", "IP Address"):
+        for name_kind, name in names:
+            if name_kind == kind:
+                # A wildcard covers any one label in its place.
+                return name.replace("*", "edgecom", 1) if name.startswith("*.") else name
+    for rdn in decoded.get("subject", ()):
+        for attribute, value in rdn:
+            if attribute == "commonName":
+                return value
+    return None
+
+
+def health_channel(server: ServerConfig) -> grpc.Channel:
+    """A channel to this host's service on server.port, over TLS when server.tls is set.
+
+    With TLS the server's own certificate is the trust anchor and the name checked is one it
+    holds: the check connects over loopback, to an address the certificate need not name.
+    With mutual TLS it presents that same certificate, so server.tls.cert_file must then be
+    issued by the client CA and allow client authentication. Raises OSError when a file is
+    unreadable.
+    """
+    host = "127.0.0.1" if server.host in _ANY_HOST else server.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    target = f"{host}:{server.port}"
+    # A container-wide http_proxy must not capture a call to this host.
+    options: list[tuple[str, Any]] = [("grpc.enable_http_proxy", 0)]
+    tls = server.tls
+    if not tls.cert_file:
+        return grpc.insecure_channel(target, options=options)
+    cert = Path(tls.cert_file).read_bytes()
+    key = Path(tls.key_file).read_bytes() if tls.client_ca_file else None
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=cert, private_key=key, certificate_chain=cert if key else None
+    )
+    name = _certificate_name(tls.cert_file)
+    if name:
+        options.append(("grpc.ssl_target_name_override", name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def health_check(server: ServerConfig, *, timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> str | None:
+    """Ask the service on this host for its overall health. Blocks up to timeout_s.
+
+    Returns None when it answers SERVING, else a line saying what is wrong.
+    """
+    if server.port == 0:
+        return "server.port is 0 (any free port): there is no known port to ask"
+    try:
+        channel = health_channel(server)
+    except OSError as exc:
+        return f"cannot read a server.tls file: {exc.filename}: {exc.strerror}"
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            return f"no answer from port {server.port}: {exc.code().name}: {exc.details()}"
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return None
+
+
 # Invalidation spans of cache keys that depend on every point before or after the range.
 _FAR_PAST_S = -(2**63)
 _FAR_FUTURE_S = 2**63
@@ -1173,9 +1296,16 @@ def run(
         metrics = Metrics()
         if config.metrics.port:
             metrics_server = stack.enter_context(
-                start_metrics_server(metrics, host=config.server.host, port=config.metrics.port)
+                start_metrics_server(metrics, host=config.metrics.host, port=config.metrics.port)
             )
-            log.info("metrics served", extra={"port": metrics_server.port, "path": "/metrics"})
+            log.info(
+                "metrics served",
+                extra={
+                    "host": config.metrics.host,
+                    "port": metrics_server.port,
+                    "path": "/metrics",
+                },
+            )
         repository = stack.enter_context(
             Repository(
                 dsn=dsn,
@@ -1300,11 +1430,27 @@ def _demo_config(config: Config, url_template: str) -> Config:
     return dataclasses.replace(config, upstream=upstream)
 
 
+def _health_check_main(config_path: str | None) -> int:
+    # Exit 1 for every failure: Docker reserves exit code 2 of a health check.
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"edgecom: health check: configuration error: {exc}", file=sys.stderr)
+        return 1
+    problem = health_check(config.server)
+    if problem:
+        print(f"edgecom: health check: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse flags, load config, serve until SIGINT/SIGTERM. Returns the exit code."""
     args = _parse_args(argv)
+    if args.health_check:
+        return _health_check_main(args.config)
     try:
-        config = load_config(args.config)
+        config = with_file_tokens(load_config(args.config))
         credentials = server_credentials(config.server.tls)
     except ConfigError as exc:
         print(f"edgecom: configuration error: {exc}", file=sys.stderr)

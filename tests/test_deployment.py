@@ -1,4 +1,5 @@
-"""Checks that the Dockerfile, docker-compose.yml and k8s/ manifests are valid and agree."""
+"""Checks that the Dockerfile, docker-compose.yml and k8s/ manifests are valid and agree, and
+that what they rely on works: the health check, the metrics address and secrets read from files."""
 
 from __future__ import annotations
 
@@ -25,7 +26,18 @@ import grpc
 import kubernetes_validate.utils as kubernetes_validate
 import pytest
 import yaml
+from conftest import wait_for
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from test_edgecom import request, status_of
+from test_repository import DAY, T0
+from test_service import (
+    START_TIMEOUT_S,
+    ServiceProcess,
+    run_until_exit,
+    service_env,
+    start_service,  # noqa: F401 (a fixture; tests naming it trip F811)
+    upstream,  # noqa: F401 (a fixture that start_service uses)
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -352,9 +364,13 @@ def test_probes_target_declared_ports() -> None:
                         assert port in ports or port in ports.values(), (
                             f"{container['name']} {probe_name} targets undeclared port {port}"
                         )
+    # The kubelet's grpc probe speaks plaintext only: the pods run the image's health check,
+    # which reads the same config as the service and speaks TLS when it is on.
     container = _container(_k8s("Deployment", "edgecom"), "edgecom")
     for probe_name in PROBES:
-        assert container[probe_name]["grpc"]["port"] == _container_ports(container)["grpc"]
+        assert set(container[probe_name]) & {"grpc", "httpGet", "tcpSocket"} == set()
+        assert container[probe_name]["exec"]["command"] == _healthcheck_command(), probe_name
+        assert container[probe_name]["timeoutSeconds"] >= 5, "Python needs about 1 s to start"
 
 
 def test_termination_grace_covers_prestop_and_server_grace_period() -> None:
@@ -415,9 +431,119 @@ def test_secret_and_configmap_references_resolve() -> None:
     container = _container(_k8s("Deployment", "edgecom"), "edgecom")
     env = {variable["name"]: variable for variable in container["env"]}
     assert env["EDGECOM_DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "edgecom-db"
+    # EDGECOM_CONFIG, not --config: the health check the probes run must read the file too.
+    assert "args" not in container
     config_mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
-    config_path = container["args"][container["args"].index("--config") + 1]
-    assert config_path == f"{config_mount['mountPath']}/config.yaml"
+    assert env["EDGECOM_CONFIG"]["value"] == f"{config_mount['mountPath']}/config.yaml"
+
+
+def _readme_kubernetes_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Kubernetes")
+    return text[start : text.index("\n### ", start + 1)]
+
+
+def _secret_keys(name: str) -> set[str]:
+    """The keys of a Secret: shipped in k8s/, or made by a command of the README's steps."""
+    for doc in _k8s_documents():
+        if doc["kind"] == "Secret" and doc["metadata"]["name"] == name:
+            return {*doc.get("stringData", {}), *doc.get("data", {})}
+    # Not shipped, so that no placeholder token or key sits in git.
+    command = re.search(
+        rf"kubectl -n {NAMESPACE} create secret (generic|tls) {name}\b[^\n]*(\\\n[^\n]*)*",
+        _readme_kubernetes_section(),
+    )
+    assert command, f"the README's Kubernetes steps do not create the Secret {name}"
+    if command.group(1) == "tls":
+        return {"tls.crt", "tls.key"}
+    return set(re.findall(r"--from-file=([\w.-]+)=", command.group(0)))
+
+
+def _secret_files(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Every file a Secret volume puts into the container: path -> (Secret name, key)."""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    files: dict[str, tuple[str, str]] = {}
+    for mount in container["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        name = secret["secretName"]
+        assert mount.get("readOnly") is True, mount
+        # Required: a missing Secret holds the pod back instead of starting it without.
+        assert secret.get("optional") is not True, f"the Secret {name} must be required"
+        keys = _secret_keys(name)
+        items = secret.get("items") or [{"key": key, "path": key} for key in sorted(keys)]
+        for item in items:
+            assert item["key"] in keys, f"the Secret {name} has no key {item['key']!r}"
+            files[f"{mount['mountPath']}/{item['path']}"] = (name, item["key"])
+    return files
+
+
+def test_token_and_tls_files_come_from_required_secrets() -> None:
+    deployment = _k8s("Deployment", "edgecom")
+    pod = deployment["spec"]["template"]["spec"]
+    files = _secret_files(pod, _container(deployment, "edgecom"))
+    config = _configmap_config()
+    for key, path in (
+        ("auth.tokens_file", config["auth"]["tokens_file"]),
+        ("server.tls.cert_file", config["server"]["tls"]["cert_file"]),
+        ("server.tls.key_file", config["server"]["tls"]["key_file"]),
+    ):
+        assert path in files, f"the ConfigMap's {key} ({path}) is no file of a mounted Secret"
+    # The Secret files belong to the service's group, so they need not be world-readable.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
+def _policy_ports(rule: dict[str, Any]) -> set[tuple[int, str]]:
+    return {(port["port"], port.get("protocol", "TCP")) for port in rule.get("ports", [])}
+
+
+def _selects(selector: dict[str, Any], workload: dict[str, Any]) -> bool:
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_network_policy_admits_grpc_and_metrics_and_reaches_database_dns_and_upstream() -> None:
+    policy = _k8s("NetworkPolicy", "edgecom")["spec"]
+    assert _selects(policy["podSelector"], _k8s("Deployment", "edgecom"))
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    config = _configmap_config()
+    (ingress,) = policy["ingress"]
+    expected = {(config["server"]["port"], "TCP"), (config["metrics"]["port"], "TCP")}
+    assert _policy_ports(ingress) == expected
+    database, dns, https = policy["egress"]
+    (peer,) = database["to"]
+    assert _selects(peer["podSelector"], _k8s("StatefulSet", "timescaledb"))
+    assert _policy_ports(database) == {(config["database"]["port"], "TCP")}
+    assert (
+        database["to"][0]["podSelector"]["matchLabels"]
+        == (_k8s("Service", config["database"]["host"])["spec"]["selector"])
+    )
+    ((namespace,),) = [peer["namespaceSelector"]["matchLabels"].items() for peer in dns["to"]]
+    assert namespace == ("kubernetes.io/metadata.name", "kube-system")
+    assert _policy_ports(dns) == {(53, "UDP"), (53, "TCP")}
+    assert urlsplit(config["upstream"]["url"]).scheme == "https"
+    assert _policy_ports(https) == {(443, "TCP")}
+    blocks = {peer["ipBlock"]["cidr"]: set(peer["ipBlock"]["except"]) for peer in https["to"]}
+    # Public addresses only: nothing inside the cluster, nor the cloud metadata endpoint.
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= blocks[
+        "0.0.0.0/0"
+    ]
+    database_policy = _k8s("NetworkPolicy", "timescaledb")["spec"]
+    assert _selects(database_policy["podSelector"], _k8s("StatefulSet", "timescaledb"))
+    (from_edgecom,) = database_policy["ingress"]
+    assert [peer["podSelector"] for peer in from_edgecom["from"]] == [policy["podSelector"]]
+    assert _policy_ports(from_edgecom) == {(config["database"]["port"], "TCP")}
+
+
+def test_metrics_listen_where_they_are_scraped() -> None:
+    assert _repo_config()["metrics"]["host"] == "127.0.0.1", "a bare run keeps metrics local"
+    assert _configmap_config()["metrics"]["host"] == "0.0.0.0", "Prometheus scrapes the pod IP"
+    # A published port reaches the container's own address, not its loopback.
+    for name in ("edgecom", "edgecom-demo"):
+        assert _compose_environment(_compose()["services"][name])["EDGECOM_METRICS_HOST"] == (
+            "0.0.0.0"
+        )
 
 
 def test_configmap_config_mirrors_the_repository_config() -> None:
@@ -451,6 +577,12 @@ def test_configmap_config_loads_with_the_service_loader(
     path = tmp_path / "config.yaml"
     path.write_text(_k8s("ConfigMap", "edgecom-config")["data"]["config.yaml"])
     load_config(path, env={"EDGECOM_DATABASE_PASSWORD": "from-the-secret"})
+
+
+def test_an_empty_metrics_host_is_refused(load_config: Callable[..., Any]) -> None:
+    # An empty address would make the metrics listener take every interface.
+    with pytest.raises(Exception, match=r"^metrics\.host: must not be empty"):
+        load_config(REPO_CONFIG, env={"EDGECOM_METRICS_HOST": ""})
 
 
 @pytest.mark.parametrize("service", ["edgecom", "edgecom-demo"])
@@ -488,7 +620,7 @@ def test_dockerfile_runtime_stage_contract() -> None:
     copied = " ".join(runtime.values("COPY"))
     for needed in ("*.py", "config.yaml", "proto/", "migrations/", "/app/.venv"):
         assert needed in copied, f"the runtime image does not copy {needed}"
-    assert "grpc_health" in " ".join(_healthcheck_command())
+    assert _healthcheck_command() == ["python", "/app/edgecom.py", "--health-check"]
 
 
 def test_dockerfile_installs_dependency_groups_without_a_lock_file() -> None:
@@ -529,30 +661,36 @@ def test_dockerignore_keeps_local_state_out_but_sources_in() -> None:
         assert not hits, f".dockerignore drops {needed} via {hits}"
 
 
-def test_healthcheck_command_reports_grpc_health() -> None:
+def _run_healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
+    """Runs the Dockerfile's HEALTHCHECK command here, with EDGECOM_* settings from env."""
     command = _healthcheck_command()
-    assert command[0] == "python"
+    assert command[:2] == ["python", "/app/edgecom.py"], command
+    argv = [sys.executable, str(ROOT / "edgecom.py"), *command[2:]]
+    return subprocess.run(
+        argv, env=service_env(**env), capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_healthcheck_command_reports_grpc_health() -> None:
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-
-    def run(port: int) -> int:
-        env = {**os.environ, "EDGECOM_SERVER_PORT": str(port)}
-        argv = [sys.executable, *command[1:]]
-        return subprocess.run(
-            argv, env=env, capture_output=True, timeout=30, check=False
-        ).returncode
-
     try:
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        assert run(port) == 0
+        assert _run_healthcheck(EDGECOM_SERVER_PORT=str(port)).returncode == 0
         servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert run(port) == 1
+        result = _run_healthcheck(EDGECOM_SERVER_PORT=str(port))
+        assert (result.returncode, result.stderr) == (1, "edgecom: health check: NOT_SERVING\n")
     finally:
         server.stop(None)
-    assert run(_free_port()) != 0, "an unreachable server must count as unhealthy"
+    result = _run_healthcheck(EDGECOM_SERVER_PORT=str(_free_port()))
+    assert result.returncode == 1, "an unreachable server must count as unhealthy"
+    assert "UNAVAILABLE" in result.stderr
+    # Docker reserves exit code 2 of a health check; a bad configuration is unhealthy.
+    result = _run_healthcheck(EDGECOM_SERVER_PORT="x")
+    assert result.returncode == 1 and "EDGECOM_SERVER_PORT" in result.stderr, result.stderr
 
 
 # --------------------------------------------------------------------------- Compose
@@ -689,3 +827,174 @@ def test_compose_stack_answers_grpc(docker_engine: None) -> None:
             assert response.status == 200
     finally:
         run([*base, "down", "--volumes", "--remove-orphans"], timeout=300)
+
+
+# --------------------------------------------------------------------------- the service, deployed
+
+# The name the README's Kubernetes steps put into the certificate: not 127.0.0.1 nor
+# localhost, which the health check connects to.
+SERVICE_DNS_NAME = "edgecom.edgecom.svc"
+
+
+def _openssl(directory: Path, *args: str) -> None:
+    result = subprocess.run(
+        ["openssl", *args], cwd=directory, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """self.crt/key: self-signed as in the README; mutual.crt/key: from ca.pem, server+client."""
+    directory = tmp_path_factory.mktemp("tls")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
+    _openssl(
+        directory, "req", "-x509", *key, "-keyout", "self.key", "-out", "self.crt",
+        "-subj", "/CN=edgecom", "-addext", f"subjectAltName=DNS:{SERVICE_DNS_NAME}",
+    )  # fmt: skip
+    _openssl(
+        directory, "req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem",
+        "-subj", "/CN=edgecom test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    extensions = f"subjectAltName=DNS:{SERVICE_DNS_NAME}\nextendedKeyUsage=serverAuth,clientAuth\n"
+    (directory / "mutual.ext").write_text(extensions)
+    _openssl(
+        directory, "req", "-new", *key[:5], "-keyout", "mutual.key", "-out", "mutual.csr",
+        "-subj", "/CN=edgecom",
+    )  # fmt: skip
+    _openssl(
+        directory, "x509", "-req", "-in", "mutual.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "mutual.ext", "-out", "mutual.crt",
+    )  # fmt: skip
+    return directory
+
+
+def _tls_settings(certificates: Path, mode: str) -> dict[str, str]:
+    if mode == "plaintext":
+        return {}
+    name = "self" if mode == "tls" else "mutual"
+    env = {
+        "EDGECOM_SERVER_TLS_CERT_FILE": str(certificates / f"{name}.crt"),
+        "EDGECOM_SERVER_TLS_KEY_FILE": str(certificates / f"{name}.key"),
+    }
+    if mode == "mutual-tls":
+        env["EDGECOM_SERVER_TLS_CLIENT_CA_FILE"] = str(certificates / "ca.pem")
+    return env
+
+
+@pytest.mark.parametrize("mode", ["plaintext", "tls", "mutual-tls"])
+def test_healthcheck_asks_the_running_service_with_tls_off_and_on(
+    start_service: Callable[..., ServiceProcess],  # noqa: F811
+    certificates: Path,
+    mode: str,
+) -> None:
+    port = str(_free_port())
+    settings = {**_tls_settings(certificates, mode), "EDGECOM_SERVER_PORT": port}
+    service = start_service(**settings)
+
+    def listening() -> bool:
+        assert service.proc.poll() is None, service.log_text()
+        return any(record["message"] == "serving" for record in service.records())
+
+    assert wait_for(listening, timeout_s=START_TIMEOUT_S), service.log_text()
+    # SERVING follows once the health watch has seen the database migrated.
+    assert wait_for(lambda: _run_healthcheck(**settings).returncode == 0, timeout_s=30)
+    # The other way of speaking fails: the check does use TLS when (and only when) it is on.
+    other = "tls" if mode == "plaintext" else "plaintext"
+    mismatched = _run_healthcheck(**_tls_settings(certificates, other), EDGECOM_SERVER_PORT=port)
+    assert mismatched.returncode == 1, mismatched.stderr
+
+
+def _other_local_address() -> str | None:
+    """An IPv4 address of this machine besides loopback, or None when it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            # Connecting a UDP socket sends nothing; it only picks the outgoing address.
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses that the kernel has a TCP socket listening on port at."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, _, hex_port = local.partition(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            addresses.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
+
+
+def _reachable(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_metrics_listen_on_metrics_host_not_on_server_host(
+    start_service: Callable[..., ServiceProcess],  # noqa: F811
+) -> None:
+    other = _other_local_address()
+    # gRPC on every interface, as in a container; metrics.host left at its default.
+    local_port, open_port = _free_port(), _free_port()
+    local = start_service(
+        "local", EDGECOM_SERVER_HOST="0.0.0.0", EDGECOM_METRICS_PORT=str(local_port)
+    )
+    scraped = start_service(
+        "scraped", EDGECOM_METRICS_HOST="0.0.0.0", EDGECOM_METRICS_PORT=str(open_port)
+    )
+    for service in (local, scraped):
+        service.wait_serving()
+    assert _listening_addresses(local_port) == {"127.0.0.1"}
+    assert _listening_addresses(open_port) == {"0.0.0.0"}
+    assert _reachable("127.0.0.1", local_port)
+    if other is not None:
+        assert not _reachable(other, local_port), f"metrics answer on {other}"
+        assert _reachable(other, open_port)
+
+
+def test_tokens_file_adds_tokens_that_guard_the_api(
+    start_service: Callable[..., ServiceProcess],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotated monthly\n\n  from-file  \nsecond-from-file\n")
+    service = start_service(EDGECOM_AUTH_TOKENS_FILE=str(tokens), EDGECOM_AUTH_TOKENS="from-env")
+    service.wait_serving()
+    stub = service.stub()
+    query = request(T0, T0 + DAY)
+    for token in ("from-file", "second-from-file", "from-env"):
+        reply = stub.QueryTimeSeries(query, metadata=(("authorization", f"Bearer {token}"),))
+        assert list(reply.data) == []
+    for metadata in (None, (("authorization", "Bearer # rotated monthly"),)):
+        code, _ = status_of(
+            lambda metadata=metadata: stub.QueryTimeSeries(query, metadata=metadata)
+        )
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("content", [None, "", "# only a comment\n\n"])
+def test_an_unreadable_or_empty_tokens_file_stops_start_up(
+    tmp_path: Path, content: str | None
+) -> None:
+    path = tmp_path / "tokens"
+    if content is not None:
+        path.write_text(content)
+    result = run_until_exit(tmp_path, EDGECOM_AUTH_TOKENS_FILE=str(path))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    if content is None:
+        assert line == (
+            f"edgecom: configuration error: auth.tokens_file: cannot read {path}: "
+            "No such file or directory"
+        )
+    else:
+        assert line.startswith(f"edgecom: configuration error: auth.tokens_file: {path} holds no")
