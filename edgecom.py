@@ -841,7 +841,10 @@ class StreamLimiter:
         idle = f"{self._idle_timeout_s:g}s"
 
         def end_idle_stream() -> None:
-            log.info("ended a stream whose client stopped reading", extra={"idle": idle})
+            log.info(
+                "ended a stream whose client stopped reading",
+                extra={"peer": context.peer(), "idle": idle},
+            )
             _end_call(
                 context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
