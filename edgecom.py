@@ -167,6 +167,10 @@ class DatabaseConfig:
 class QueryConfig:
     max_points: int = 100000
     page_points: int = 10000
+    # Each open stream holds a pool connection: fewer streams than database.max_connections
+    # leaves connections for unary queries however many clients stream.
+    max_streams: int = 4
+    stream_idle_timeout: float = _duration(30.0)
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,8 @@ def _validate(config: Config) -> None:
         "database.max_connections": config.database.max_connections,
         "query.max_points": config.query.max_points,
         "query.page_points": config.query.page_points,
+        "query.max_streams": config.query.max_streams,
+        "query.stream_idle_timeout": config.query.stream_idle_timeout,
         "storage.compress_after": config.storage.compress_after,
     }
     for key, value in positive.items():
@@ -366,6 +372,12 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"rate_limit.burst: must be at least 1 while rate_limit.rps is on, "
             f"got {config.rate_limit.burst}"
+        )
+    if config.query.max_streams >= config.database.max_connections:
+        raise ConfigError(
+            f"query.max_streams: must be less than database.max_connections "
+            f"({config.database.max_connections}), so that queries keep a connection while "
+            f"streams are open, got {config.query.max_streams}"
         )
     if config.upstream.retry_max_backoff < BACKOFF_INITIAL_S:
         raise ConfigError(
@@ -672,11 +684,14 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
         page_points: int = QueryConfig.page_points,
         window: Callable[[], tuple[int, int]] | None = None,
         clock: Callable[[], float] = time.time,
+        max_streams: int = QueryConfig.max_streams,
+        stream_idle_timeout_s: float = QueryConfig.stream_idle_timeout,
     ) -> None:
         self._repository = repository
         self._assets = tuple(assets)
         self._max_points = max_points
         self._page_points = page_points
+        self._streams = StreamLimiter(max_streams=max_streams, idle_timeout_s=stream_idle_timeout_s)
         self._clock = clock
         # The [start, end) range ingestion keeps complete; coverage is measured against it.
         self._window = window or _default_window
@@ -726,6 +741,9 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             return response
 
     def StreamTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        return self._streams.serve(context, self._stream_pages(request, context))
+
+    def _stream_pages(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         with _status_on_error(context):
             query = parse_query(request, self._assets)
             # The server-side cursor lives in the snapshot's transaction, so the stream holds
@@ -802,6 +820,126 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             before=extent.before,
             after=extent.after,
         )
+
+
+class StreamLimiter:
+    """Runs at most `max_streams` streams at once and ends those whose client stops reading.
+
+    A stream holds a database connection until it ends (its cursor lives in a snapshot's
+    transaction), so streams without a bound, or left unread, would take the connections
+    queries need.
+    """
+
+    def __init__(self, *, max_streams: int, idle_timeout_s: float) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be at least 1, not {max_streams!r}")
+        if not idle_timeout_s > 0:
+            raise ValueError(f"idle_timeout_s must be positive, not {idle_timeout_s!r}")
+        self._max_streams = max_streams
+        self._idle_timeout_s = idle_timeout_s
+        self._slots = threading.BoundedSemaphore(max_streams)
+
+    def serve(self, context: grpc.ServicerContext, pages: Iterator[Any]) -> Iterator[Any]:
+        """Yield `pages` to the client while holding a slot; closes `pages` when done.
+
+        Aborts RESOURCE_EXHAUSTED at once when every slot is taken, and ends the call
+        DEADLINE_EXCEEDED when the client has not taken a page for `idle_timeout_s`.
+        """
+        if not self._slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many streams: at most {self._max_streams} run at once "
+                "(query.max_streams); retry later, or ask QueryTimeSeries for answers "
+                "up to query.max_points points",
+            )
+        idle = f"{self._idle_timeout_s:g}s"
+
+        def end_idle_stream() -> None:
+            log.info(
+                "ended a stream whose client stopped reading",
+                extra={"peer": context.peer(), "idle": idle},
+            )
+            _end_call(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the stream was ended: its client took no page for {idle} "
+                "(query.stream_idle_timeout); read pages as they arrive",
+            )
+
+        try:
+            # Exits in reverse: the watch stops, then `pages` closes and gives its connection
+            # back, and only then is the slot free for another stream.
+            with closing(pages), _IdleWatch(self._idle_timeout_s, end_idle_stream) as watch:
+                for page in pages:
+                    # grpcio asks for the next page once the client's flow control has taken
+                    # this one, so the time spent here is the time the client takes to read.
+                    with watch.waiting():
+                        yield page
+        finally:
+            self._slots.release()
+
+
+class _IdleWatch:
+    """Calls `on_idle` once, from a thread of its own, when one waiting() lasts `timeout_s`."""
+
+    def __init__(self, timeout_s: float, on_idle: Callable[[], None]) -> None:
+        self._timeout_s = timeout_s
+        self._on_idle = on_idle
+        self._state = threading.Condition()
+        self._waiting_since: float | None = None
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="stream-idle-watch", daemon=True)
+
+    def __enter__(self) -> _IdleWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._state:
+            self._done = True
+            self._state.notify()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        with self._state:
+            self._waiting_since = time.monotonic()
+            self._state.notify()
+        try:
+            yield
+        finally:
+            with self._state:
+                self._waiting_since = None
+
+    def _run(self) -> None:
+        with self._state:
+            while not self._done:
+                if self._waiting_since is None:
+                    self._state.wait()
+                    continue
+                left = self._waiting_since + self._timeout_s - time.monotonic()
+                if left <= 0:
+                    break
+                self._state.wait(left)
+            if self._done:
+                return
+        self._on_idle()
+
+
+def _end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call from another thread, even while its handler is blocked sending a message.
+
+    abort() works only in the handler's own thread, and cancel() tells the client no more
+    than CANCELLED; grpcio's call object cancels with a status of our choosing. Where that
+    private attribute is missing, a plain cancel() still ends the call.
+    """
+    # Recorded on the context too, so the metrics and the request log show this code.
+    context.set_code(code)
+    context.set_details(details)
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(code.value[0], details)
+    except (AttributeError, TypeError):
+        context.cancel()
 
 
 # One table maps every failure to the status a client sees; nothing a client sent is INTERNAL.
@@ -1311,6 +1449,8 @@ def run(
                 dsn=dsn,
                 max_connections=config.database.max_connections,
                 connect_timeout_s=config.database.connection_timeout,
+                # One connection for each chunk stored at once.
+                write_connections=config.upstream.concurrency,
             )
         )
         cache = QueryCache(config.cache.size, metrics=metrics)
@@ -1372,6 +1512,8 @@ def run(
             max_points=config.query.max_points,
             page_points=config.query.page_points,
             window=ingestor.window,
+            max_streams=config.query.max_streams,
+            stream_idle_timeout_s=config.query.stream_idle_timeout,
         )
         drain = DrainInterceptor()
         server, port = create_server(

@@ -39,6 +39,8 @@ _MIGRATION_LOCK_KEY = 0x65646765636F6D  # "edgecom"
 _ASSET_LOCK_PREFIX = "edgecom.asset:"
 # Asset locks are taken one asset at a time, so one idle lock connection is kept.
 _IDLE_LOCK_CONNECTIONS = 1
+# Connections of the pool that ingestion writes use by default, apart from the query pool.
+WRITE_CONNECTIONS = 2
 
 # TimescaleDB storage policies (see Repository.apply_storage_policies). Compressed batches
 # hold one asset's points in time order: the bucketed query reads one asset at a time, and
@@ -453,7 +455,12 @@ def _tstzrange(start_s: int, end_s: int) -> Range:
 
 
 class Repository:
-    """Owns a connection pool to one PostgreSQL database holding the points table."""
+    """Owns the connection pools to one PostgreSQL database holding the points table.
+
+    Queries and snapshots use one pool, ingestion's coverage reads and writes (uncovered,
+    upsert_points, record_attempt) another, so neither can take every connection the
+    other needs.
+    """
 
     def __init__(
         self,
@@ -461,7 +468,10 @@ class Repository:
         dsn: str,
         max_connections: int = 10,
         connect_timeout_s: float = 5.0,
+        write_connections: int = WRITE_CONNECTIONS,
     ) -> None:
+        if write_connections < 1:
+            raise ValueError(f"write_connections must be at least 1, not {write_connections!r}")
         self._dsn = dsn
         self._connect_timeout_s = connect_timeout_s
         # Health checks run on a connection of their own: a pool busy with slow streams
@@ -471,33 +481,41 @@ class Repository:
         # Idle connections for asset locks, reused from one ingestion run to the next.
         self._lock_conns_lock = threading.Lock()
         self._lock_conns: list[psycopg.Connection] = []
-        self._pool = psycopg_pool.ConnectionPool(
-            dsn,
+        self._pool = self._new_pool("edgecom", max(1, max_connections))
+        # Ingestion writes have a pool of their own: queries and streams holding every
+        # connection of the other must not stop new data from being stored.
+        self._write_pool = self._new_pool("edgecom-write", write_connections)
+        self._closed = False
+
+    def _new_pool(self, name: str, size: int) -> psycopg_pool.ConnectionPool:
+        return psycopg_pool.ConnectionPool(
+            self._dsn,
             min_size=1,
-            max_size=max(1, max_connections),
+            max_size=size,
             open=False,
-            timeout=connect_timeout_s,
-            kwargs={"connect_timeout": max(1, round(connect_timeout_s)), "autocommit": True},
-            name="edgecom",
+            timeout=self._connect_timeout_s,
+            kwargs={"connect_timeout": max(1, round(self._connect_timeout_s)), "autocommit": True},
+            name=name,
             # Connections idle in the pool die with a database restart or a dropped network;
             # a query handed one would fail UNAVAILABLE although the database is back.
             check=psycopg_pool.ConnectionPool.check_connection,
         )
-        self._closed = False
 
     def open(self, *, wait: bool = False) -> Repository:
-        """Open the pool; with wait=True, block until a first connection works or raise."""
+        """Open the pools; with wait=True, block until a first connection works or raise."""
         try:
-            self._pool.open(wait=wait, timeout=self._connect_timeout_s)
+            for pool in (self._pool, self._write_pool):
+                pool.open(wait=wait, timeout=self._connect_timeout_s)
         except psycopg_pool.PoolTimeout as exc:
             raise DatabaseUnavailable(f"could not connect to the database: {exc}") from exc
         return self
 
     def close(self) -> None:
-        """Close the pool; safe to call twice."""
+        """Close the pools; safe to call twice."""
         if not self._closed:
             self._closed = True
             self._pool.close(timeout=5)
+            self._write_pool.close(timeout=5)
             with self._ping_lock:
                 if self._ping_conn is not None:
                     self._ping_conn.close()
@@ -658,7 +676,7 @@ class Repository:
             return UpsertResult(0)
         with (
             _unavailable_on_failure("writing"),
-            self._pool.connection() as conn,
+            self._write_pool.connection() as conn,
             conn.transaction(),
         ):
             conn.execute(
@@ -680,12 +698,12 @@ class Repository:
     def uncovered(self, asset_id: str, start_s: int, end_s: int) -> list[tuple[int, int]]:
         """Return the parts of [start_s, end_s) not yet fetched for the asset, oldest first."""
         params = {"asset_id": asset_id, "range": _tstzrange(start_s, end_s)}
-        with _unavailable_on_failure("reading coverage"), self._pool.connection() as conn:
+        with _unavailable_on_failure("reading coverage"), self._write_pool.connection() as conn:
             return conn.execute(_UNCOVERED, params).fetchall()
 
     def record_attempt(self, asset_id: str, *, error: str | None) -> None:
         """Record the outcome of an ingestion run: a success when `error` is None."""
-        with _unavailable_on_failure("recording a fetch"), self._pool.connection() as conn:
+        with _unavailable_on_failure("recording a fetch"), self._write_pool.connection() as conn:
             conn.execute(
                 "INSERT INTO assets AS a (asset_id, last_attempt, last_success, last_error)"
                 " VALUES (%(asset_id)s, now(), CASE WHEN %(error)s::text IS NULL THEN now() END,"
@@ -715,8 +733,8 @@ class Repository:
 
         A session-level advisory lock on a connection held for the duration, so replicas
         sharing the database never work on the same asset at the same time. The connection
-        is not from the pool: the writes made under the lock take pool connections, and
-        must get them however small the pool is. Never waits for the lock.
+        is not from a pool: the writes made under the lock take write-pool connections,
+        and must get them however small that pool is. Never waits for the lock.
         """
         key = (_ASSET_LOCK_PREFIX + asset_id,)
         conn, acquired = self._try_lock(key)

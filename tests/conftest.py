@@ -100,6 +100,8 @@ class RunningService:
         max_points: int,
         page_points: int = edgecom.QueryConfig.page_points,
         interceptors: tuple[grpc.ServerInterceptor, ...] = (),
+        max_streams: int = edgecom.QueryConfig.max_streams,
+        stream_idle_timeout_s: float = edgecom.QueryConfig.stream_idle_timeout,
     ):
         self.repository = repository
         self.health = health.HealthServicer()
@@ -107,7 +109,12 @@ class RunningService:
             repository=repository, health_servicer=self.health, interval_s=0.2
         )
         servicer = edgecom.TimeSeriesServicer(
-            repository=repository, assets=assets, max_points=max_points, page_points=page_points
+            repository=repository,
+            assets=assets,
+            max_points=max_points,
+            page_points=page_points,
+            max_streams=max_streams,
+            stream_idle_timeout_s=stream_idle_timeout_s,
         )
         self.server, self.port = edgecom.create_server(
             address="127.0.0.1:0",

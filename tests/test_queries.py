@@ -935,3 +935,113 @@ def test_readme_monthly_energy_query_with_grpcurl(year_service, year, grpcurl):
         check=True,
     )
     assert streamed.stdout.count('"time"') == 366
+
+
+# --- streams cannot starve queries or ingestion ----------------------------------------------
+
+# Ten years of quarter-hours: far more than HTTP/2 flow control lets the server send ahead of
+# a client that has stopped reading, so an unread stream stays open on its connection.
+LONG_COUNT = 350_640
+LONG_START = 1_420_070_400  # 2015-01-01T00:00:00Z
+
+
+@pytest.fixture(scope="module")
+def long_dsn(server_dsn: str) -> Iterator[str]:
+    """A database whose first asset holds ten years of quarter-hours; only read from."""
+    with fresh_database(server_dsn) as database:
+        with Repository(dsn=database, max_connections=1) as repo:
+            repo.migrate()
+        with psycopg.connect(database) as conn:
+            conn.execute(
+                "INSERT INTO points (asset_id, time, value)"
+                " SELECT %s, to_timestamp(%s + i * %s), sin(i * 0.37) * 500"
+                " FROM generate_series(0, %s - 1) AS i",
+                (ASSET, LONG_START, QUARTER, LONG_COUNT),
+            )
+        yield database
+
+
+def long_request():
+    return request(LONG_START, LONG_START + LONG_COUNT * QUARTER, "15m")
+
+
+def read_first_page(call) -> grpc.StatusCode:
+    """Take one page of a stream and leave the rest unread; returns how the first read went."""
+    try:
+        next(call)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def test_unread_streams_leave_connections_for_queries_and_ingestion(long_dsn):
+    with Repository(dsn=long_dsn, max_connections=3, connect_timeout_s=1) as repo:
+        running = RunningService(repo, assets=(ASSET, OTHER_ASSET), max_points=1000, max_streams=2)
+        calls = [running.stub.StreamTimeSeries(long_request()) for _ in range(4)]
+        try:
+            # More streams than the pool has connections, none of them read past a page.
+            outcomes = [read_first_page(call) for call in calls]
+            assert len(query(running, LONG_START, LONG_START + DAY, "1h", "SUM")) == 24
+            written = repo.upsert_points(OTHER_ASSET, series(LONG_START, 96))
+            assert written.changed == 96
+            assert outcomes.count(grpc.StatusCode.OK) == 2
+        finally:
+            for call in calls:
+                call.cancel()
+            running.close()
+            with psycopg.connect(long_dsn, autocommit=True) as conn:
+                conn.execute("DELETE FROM points WHERE asset_id = %s", (OTHER_ASSET,))
+
+
+def test_a_stream_beyond_max_streams_is_resource_exhausted_at_once(long_dsn):
+    with Repository(dsn=long_dsn, max_connections=2, connect_timeout_s=1) as repo:
+        running = RunningService(repo, assets=(ASSET,), max_points=1000, max_streams=1)
+        first = running.stub.StreamTimeSeries(long_request())
+        try:
+            assert read_first_page(first) == grpc.StatusCode.OK
+            code, details = status_of(lambda: list(running.stub.StreamTimeSeries(long_request())))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "query.max_streams" in details and "1" in details
+            assert "QueryTimeSeries" in details and "retry" in details
+            first.cancel()
+
+            def admitted() -> bool:
+                try:
+                    return len(stream(running, LONG_START, LONG_START + DAY, "1h")[0]) == 24
+                except grpc.RpcError:
+                    return False
+
+            # The slot is free again once the stream has ended.
+            assert wait_for(admitted)
+        finally:
+            first.cancel()
+            running.close()
+
+
+def test_an_unread_stream_ends_after_the_idle_timeout_and_frees_its_connection(long_dsn):
+    with Repository(dsn=long_dsn, max_connections=2, connect_timeout_s=1) as repo:
+        running = RunningService(
+            repo, assets=(ASSET,), max_points=1000, max_streams=1, stream_idle_timeout_s=1
+        )
+        call = running.stub.StreamTimeSeries(long_request())
+        try:
+            assert read_first_page(call) == grpc.StatusCode.OK
+            assert _sessions(long_dsn, "idle in transaction", "active") == 1
+            # Ended on the server while the client still reads nothing.
+            assert wait_for(lambda: _sessions(long_dsn, "idle in transaction", "active") == 0)
+            # What was sent ahead still arrives, then the reason the stream ended.
+            code, details = status_of(lambda: list(call))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "query.stream_idle_timeout" in details and "1s" in details
+            # Its slot and connection are back: a new stream and a pool's worth of queries.
+            assert len(stream(running, LONG_START, LONG_START + DAY, "1h")[0]) == 24
+            answers = [
+                running.stub.QueryTimeSeries.future(
+                    request(LONG_START, LONG_START + DAY, "1h"), timeout=10
+                )
+                for _ in range(2)
+            ]
+            assert [len(answer.result().data) for answer in answers] == [24, 24]
+        finally:
+            call.cancel()
+            running.close()

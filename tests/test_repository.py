@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 
 import psycopg
 import pytest
@@ -278,3 +279,14 @@ def test_ping_answers_after_its_connection_was_dropped(repository, dsn):
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
     repository.ping()
+
+
+def test_ingestion_writes_go_on_while_snapshots_hold_every_query_connection(dsn):
+    with Repository(dsn=dsn, max_connections=2, connect_timeout_s=1) as repo, ExitStack() as held:
+        repo.migrate()
+        # What long streams do: each holds a query connection for as long as it lasts.
+        for _ in range(2):
+            held.enter_context(repo.snapshot())
+        assert repo.uncovered(ASSET, T0, T0 + DAY) == [(T0, T0 + DAY)]
+        assert repo.upsert_points(ASSET, [(T0, 1.0)], covered=(T0, T0 + DAY)).changed == 1
+        repo.record_attempt(ASSET, error=None)
