@@ -861,3 +861,43 @@ def test_wrong_token_guesses_are_rate_limited(start_service):
         )
     )
     assert code == REFUSED and "for client '127.0.0.1'" in details
+
+
+def process_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.mark.slow
+def test_service_memory_stays_flat_under_many_distinct_large_answers(start_service, dsn):
+    max_bytes = 4 * 2**20
+    metrics_port = free_port()
+    service = start_service(
+        EDGECOM_CACHE_MAX_BYTES=str(max_bytes), EDGECOM_METRICS_PORT=str(metrics_port)
+    )
+    service.wait_serving()
+    half_year = 17_520  # quarter-hours: about 370 KB serialized, 1.5 MB as a parsed message
+    distinct, warm_up = 120, 30
+    insert_quarter_hours(dsn, T0, half_year + distinct)
+    stub = service.stub()
+    rss = []
+    for i in range(distinct):
+        start_s = T0 + i * QUARTER
+        answer = stub.QueryTimeSeries(
+            request(start_s, start_s + half_year * QUARTER, "15m", "AVG"), timeout=60
+        )
+        assert len(answer.data) == half_year
+        rss.append(process_rss_bytes(service.proc.pid))
+    samples = scrape(metrics_port)
+    assert 0 < samples[("edgecom_cache_bytes", ())] <= max_bytes
+    assert samples[("edgecom_cache_entries", ())] < warm_up
+    # Once the cache is full, more distinct answers replace entries instead of adding memory
+    # (about 1 MiB in all, measured); without the byte bound each one would add 370 KB held
+    # serialized, 1.5 MB held as a message.
+    growth = rss[-1] - rss[warm_up - 1]
+    assert growth < 12 * 2**20, (
+        f"RSS grew {growth / 2**20:.0f} MiB over {distinct - warm_up} answers"
+    )
