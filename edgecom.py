@@ -38,6 +38,7 @@ from api_client import (
 )
 from buckets import FILLS, Buckets, Window, fill_gaps
 from interceptors import (
+    DEFAULT_CACHE_MAX_BYTES,
     AuthInterceptor,
     CacheInterceptor,
     CacheKey,
@@ -176,12 +177,16 @@ class QueryConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     size: int = 1000
+    max_bytes: int = DEFAULT_CACHE_MAX_BYTES
 
 
 @dataclass(frozen=True)
 class RateLimitConfig:
     rps: float = 5.0
     burst: int = 10
+    # Only behind a proxy that sets x-client-id itself: clients could otherwise pick a fresh
+    # id per call and never be limited.
+    trust_client_id: bool = False
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,8 @@ def _convert(value: object, f: dataclasses.Field, *, from_env: bool) -> object:
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(value)
         raise ValueError(f"expected a list of strings, got {value!r}")
+    if kind == "bool":
+        return _convert_bool(value, from_env=from_env)
     if kind == "int":
         if from_env and isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
             return int(value)
@@ -278,6 +285,17 @@ def _convert(value: object, f: dataclasses.Field, *, from_env: bool) -> object:
             return str(value)
         raise ValueError(f"expected a string, got {value!r}")
     raise AssertionError(f"unhandled config type {kind}")
+
+
+_ENV_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _convert_bool(value: object, *, from_env: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if from_env and isinstance(value, str) and value.strip().lower() in _ENV_BOOLEANS:
+        return _ENV_BOOLEANS[value.strip().lower()]
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _build(cls: type, raw: object, env: Mapping[str, str], path: str) -> Any:
@@ -362,6 +380,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be greater than 0, got {value}")
     for key, value in (
         ("cache.size", config.cache.size),
+        ("cache.max_bytes", config.cache.max_bytes),
         ("rate_limit.rps", config.rate_limit.rps),
     ):
         if value < 0:
@@ -1406,8 +1425,15 @@ def build_interceptors(
         drain or DrainInterceptor(),
         RequestLogInterceptor(),
         MetricsInterceptor(metrics),
+        # Before authentication, so that every call takes a token: wrong token guesses are
+        # limited like any other call.
+        RateLimitInterceptor(
+            config.rate_limit.rps,
+            config.rate_limit.burst,
+            trust_client_id=config.rate_limit.trust_client_id,
+            metrics=metrics,
+        ),
         AuthInterceptor(config.auth.tokens),
-        RateLimitInterceptor(config.rate_limit.rps, config.rate_limit.burst, metrics=metrics),
         CacheInterceptor(cache, cache_key, metrics),
     )
 
@@ -1453,7 +1479,7 @@ def run(
                 write_connections=config.upstream.concurrency,
             )
         )
-        cache = QueryCache(config.cache.size, metrics=metrics)
+        cache = QueryCache(config.cache.size, max_bytes=config.cache.max_bytes, metrics=metrics)
         listener = stack.enter_context(
             ChangeListener(
                 dsn=dsn,

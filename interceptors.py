@@ -316,10 +316,12 @@ def client_key(client_id: str | None, peer: str) -> str:
 class RateLimitInterceptor(_WrappingInterceptor):
     """Limit each client to rps calls per second with bursts of burst calls; rps 0: no limit.
 
-    Clients are told apart by ``x-client-id`` metadata, else by peer IP. A refused call ends
-    RESOURCE_EXHAUSTED with a retry hint. Health and reflection are not limited. At most
-    max_clients buckets are kept; the least recently seen is dropped first, which at worst
-    hands that client a full bucket again.
+    Clients are told apart by peer IP. The ``x-client-id`` metadata is honoured only with
+    trust_client_id, for a server behind a proxy that sets it: otherwise any client could
+    pick a fresh id per call and never be limited. A refused call ends RESOURCE_EXHAUSTED
+    with a retry hint. Health and reflection are not limited. At most max_clients buckets
+    are kept; the least recently seen is dropped first, which at worst hands that client a
+    full bucket again.
     """
 
     def __init__(
@@ -329,6 +331,7 @@ class RateLimitInterceptor(_WrappingInterceptor):
         max_clients: int = 10000,
         clock: Callable[[], float] = time.monotonic,
         *,
+        trust_client_id: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
         if rps < 0 or not math.isfinite(rps):
@@ -340,6 +343,7 @@ class RateLimitInterceptor(_WrappingInterceptor):
         self.rps = rps
         self.burst = burst
         self.max_clients = max_clients
+        self.trust_client_id = trust_client_id
         self._clock = clock
         self._metrics = metrics
         # client key -> [tokens, time of last refill], least recently seen first.
@@ -381,7 +385,8 @@ class RateLimitInterceptor(_WrappingInterceptor):
     def _around(
         self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
     ) -> Iterator[Any]:
-        client = client_key(_metadata_value(context, CLIENT_ID_KEY), context.peer())
+        client_id = _metadata_value(context, CLIENT_ID_KEY) if self.trust_client_id else None
+        client = client_key(client_id, context.peer())
         wait_s = self.check(client)
         if wait_s > 0:
             if self._metrics is not None:
@@ -408,20 +413,50 @@ class CacheKey:
     extra: tuple[Any, ...] = ()
 
 
+# Answers are held serialized: a parsed 70,000-point answer (upb protobuf) takes about 4x its
+# ByteSize() in memory, its serialized bytes about 1x, so counting bytes bounds what it holds.
+# A hit costs a parse (about 2.5 ms for 70,000 points), still far less than the query.
+DEFAULT_CACHE_MAX_BYTES = 64 * 2**20
+# Besides its answer, an entry holds its key (a few small objects), the LRU's link and the
+# value tuple: measured at about 450 bytes, counted as this much.
+ENTRY_OVERHEAD_BYTES = 512
+# No answer may take more than this share of max_bytes: storing one then evicts at most an
+# eighth of the cache, so one client asking for huge answers cannot flush everyone's entries,
+# and at least 8 answers always fit.
+LARGEST_ENTRY_SHARE = 8
+
+
 class QueryCache:
     """Thread-safe LRU of query responses that never keeps a result older than its data.
 
+    Bounded twice: at most size entries and at most max_bytes bytes, counting each entry as
+    its serialized answer plus ENTRY_OVERHEAD_BYTES; the least recently used entries go first.
+    An entry larger than max_bytes / LARGEST_ENTRY_SHARE is not stored. Responses are protobuf
+    messages, held serialized; get() returns a new message each time.
+
     Each asset has a generation that invalidate() and clear() advance. Read it with
     generation() before running a query and hand it to put(): a result computed from rows that
-    changed meanwhile is then not stored. size 0 disables the cache.
+    changed meanwhile is then not stored. size 0 or max_bytes 0 disables the cache.
     """
 
-    def __init__(self, size: int, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+        metrics: Metrics | None = None,
+    ) -> None:
         if size < 0:
             raise ValueError(f"cache size must be >= 0, got {size}")
+        if max_bytes < 0:
+            raise ValueError(f"cache max_bytes must be >= 0, got {max_bytes}")
         self.size = size
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_bytes // LARGEST_ENTRY_SHARE
         self._metrics = metrics
-        self._entries: OrderedDict[CacheKey, Any] = OrderedDict()
+        # key -> (message class, serialized message), least recently used first.
+        self._entries: OrderedDict[CacheKey, tuple[type, bytes]] = OrderedDict()
+        self._bytes = 0
         # Generations come from one counter: an asset's is the later of its last invalidation
         # and the last clear(), so clear() advances every asset, even ones never seen, and
         # the table only holds assets that were invalidated since.
@@ -433,31 +468,51 @@ class QueryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether anything can be stored at all."""
+        return self.size > 0 and self.max_bytes > 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held, as counted against max_bytes."""
+        with self._lock:
+            return self._bytes
+
     def generation(self, asset_id: str) -> int:
         """Return the asset's current generation, to pass to put()."""
         with self._lock:
             return self._generation(asset_id)
 
     def get(self, key: CacheKey) -> Any | None:
-        """Return the stored response for key, marking it recently used, or None."""
+        """Return a copy of the stored response for key, marking it recently used, or None."""
         with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+        # Parsed outside the lock: other calls need not wait for it.
+        message_type, data = entry
+        return message_type.FromString(data)
 
     def put(self, key: CacheKey, value: Any, generation: int) -> bool:
-        """Store value unless key's asset was invalidated after generation; return if stored."""
-        if self.size == 0 or value is None:
+        """Store a response unless it is too large or key's asset was invalidated after
+        generation; return whether it was stored.
+        """
+        if not self.enabled or value is None:
+            return False
+        data = value.SerializeToString()
+        if _entry_bytes(data) > self.max_entry_bytes:
             return False
         with self._lock:
             if self._generation(key.asset_id) != generation:
                 return False
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-            self._update_gauge()
+            self._drop(key)
+            self._entries[key] = (type(value), data)
+            self._bytes += _entry_bytes(data)
+            while len(self._entries) > self.size or self._bytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+            self._update_gauges()
             return True
 
     def invalidate(self, asset_id: str, start_s: int, end_s: int) -> int:
@@ -475,8 +530,8 @@ class QueryCache:
                 if key.asset_id == asset_id and key.start_s < end_s and start_s < key.end_s
             ]
             for key in stale:
-                del self._entries[key]
-            self._update_gauge()
+                self._drop(key)
+            self._update_gauges()
             return len(stale)
 
     def clear(self) -> None:
@@ -486,14 +541,25 @@ class QueryCache:
             self._cleared_at = self._counter
             self._invalidated_at.clear()
             self._entries.clear()
-            self._update_gauge()
+            self._bytes = 0
+            self._update_gauges()
+
+    def _drop(self, key: CacheKey) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= _entry_bytes(entry[1])
 
     def _generation(self, asset_id: str) -> int:
         return max(self._cleared_at, self._invalidated_at.get(asset_id, 0))
 
-    def _update_gauge(self) -> None:
+    def _update_gauges(self) -> None:
         if self._metrics is not None:
             self._metrics.cache_entries.set(len(self._entries))
+            self._metrics.cache_bytes.set(self._bytes)
+
+
+def _entry_bytes(data: bytes) -> int:
+    return len(data) + ENTRY_OVERHEAD_BYTES
 
 
 class DrainInterceptor(_WrappingInterceptor):
@@ -569,7 +635,7 @@ class CacheInterceptor(_WrappingInterceptor):
 
     def _applies_to(self, method: str, handler: grpc.RpcMethodHandler) -> bool:
         unary = not handler.request_streaming and not handler.response_streaming
-        return unary and self._cache.size > 0
+        return unary and self._cache.enabled
 
     def _around(
         self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed

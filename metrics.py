@@ -53,6 +53,11 @@ class Metrics:
         self.cache_entries = Gauge(
             "edgecom_cache_entries", "Responses held in the query cache.", registry=r
         )
+        self.cache_bytes = Gauge(
+            "edgecom_cache_bytes",
+            "Bytes held by the query cache, counted as against cache.max_bytes.",
+            registry=r,
+        )
         self.rate_limited = Counter(
             "edgecom_rate_limited", "gRPC calls refused by the per-client rate limit.", registry=r
         )

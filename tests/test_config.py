@@ -188,3 +188,57 @@ def test_help_documents_the_flags():
     )
     assert result.returncode == 0
     assert "--config" in result.stdout and "EDGECOM_" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("rate_limit: {trust_client_id: true}\n", {}, True),
+        ("rate_limit: {trust_client_id: no}\n", {}, False),  # a YAML 1.1 boolean
+        ("", {"EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID": "true"}, True),
+        ("", {"EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID": " 1 "}, True),
+        ("", {"EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID": "YES"}, True),
+        (
+            "rate_limit: {trust_client_id: true}\n",
+            {"EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID": "0"},
+            False,
+        ),
+        ("", {"EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID": "False"}, False),
+        ("", {"EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID": "no"}, False),
+    ],
+)
+def test_booleans_from_yaml_and_environment(tmp_path, text, env, expected):
+    assert load_config(write(tmp_path, text), env=env).rate_limit.trust_client_id is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        (
+            "rate_limit: {trust_client_id: 'maybe'}\n",
+            {},
+            "rate_limit.trust_client_id: expected true or false",
+        ),
+        (
+            "rate_limit: {trust_client_id: 1}\n",
+            {},
+            "rate_limit.trust_client_id: expected true or false",
+        ),
+        (
+            "",
+            {"EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID": "on?"},
+            "EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID: expected true or false",
+        ),
+        ("cache: {max_bytes: -1}\n", {}, "cache.max_bytes: must not be negative"),
+        (
+            "",
+            {"EDGECOM_CACHE_MAX_BYTES": "64MiB"},
+            "EDGECOM_CACHE_MAX_BYTES: expected a whole number",
+        ),
+    ],
+)
+def test_bad_cache_and_rate_limit_keys_name_the_key(tmp_path, text, env, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proto"))
 
 from interceptors import (
+    ENTRY_OVERHEAD_BYTES,
     AuthInterceptor,
     CacheInterceptor,
     CacheKey,
@@ -239,7 +240,9 @@ def _sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -
 
 def test_rate_limit_admits_exactly_the_burst_then_what_the_refill_allows() -> None:
     clock, metrics = _Clock(), Metrics()
-    limiter = RateLimitInterceptor(rps=5, burst=10, clock=clock, metrics=metrics)
+    limiter = RateLimitInterceptor(
+        rps=5, burst=10, clock=clock, trust_client_id=True, metrics=metrics
+    )
     alice = (("x-client-id", "alice"),)
     with _serve([limiter]) as client:
         calls = [
@@ -276,6 +279,16 @@ def test_rate_limit_keys_on_peer_ip_without_client_id() -> None:
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "for client '127.0.0.1'" in error.details()
     assert "retry in 1000 s" in error.details()
+
+
+def test_client_ids_are_ignored_unless_trusted() -> None:
+    limiter = RateLimitInterceptor(rps=0.001, burst=2, clock=_Clock())
+    with _serve([limiter]) as client:
+        client.query(metadata=(("x-client-id", "first"),))
+        client.query(metadata=(("x-client-id", "second"),))
+        error = _error(lambda: client.query(metadata=(("x-client-id", "third"),)))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "for client '127.0.0.1'" in error.details()
 
 
 def test_client_key_strips_the_port_of_the_peer() -> None:
@@ -459,14 +472,85 @@ def test_clear_drops_everything_and_stops_stores_begun_before_it() -> None:
     metrics = Metrics()
     cache = QueryCache(10, metrics=metrics)
     key = CacheKey("a", 0, 60, "60", "AVG")
-    assert cache.put(key, "v1", cache.generation("a"))
+    assert cache.put(key, _response(1.0, 0), cache.generation("a"))
     generation = cache.generation("never-seen")
     cache.clear()
     assert cache.get(key) is None
-    assert not cache.put(CacheKey("never-seen", 0, 60, "60", "AVG"), "v", generation)
+    assert not cache.put(CacheKey("never-seen", 0, 60, "60", "AVG"), _response(1.0, 0), generation)
     assert _sample(metrics, "edgecom_cache_entries") == 0
-    assert cache.put(key, "v2", cache.generation("a"))
-    assert cache.get(key) == "v2"
+    assert _sample(metrics, "edgecom_cache_bytes") == 0 == cache.held_bytes
+    assert cache.put(key, _response(2.0, 0), cache.generation("a"))
+    assert cache.get(key) == _response(2.0, 0)
+
+
+def _points(count: int, value: float = 1.0) -> Any:
+    """A response of count points, serialized to about 21 bytes a point."""
+    points = [
+        protos.TimeSeriesDataPoint(time={"seconds": 1_700_000_000 + 900 * i}, value=value, count=1)
+        for i in range(count)
+    ]
+    return protos.TimeSeriesResponse(data=points)
+
+
+def _entry_bytes(response: Any) -> int:
+    return response.ByteSize() + ENTRY_OVERHEAD_BYTES
+
+
+def test_least_recently_used_entries_are_evicted_at_max_bytes() -> None:
+    metrics = Metrics()
+    entry = _entry_bytes(_points(1000))
+    # Room for exactly eight entries of this size (the largest allowed).
+    cache = QueryCache(1000, max_bytes=8 * entry, metrics=metrics)
+    keys = [CacheKey("a", i, i + 60, "60", "AVG") for i in range(10)]
+    for key in keys[:8]:
+        assert cache.put(key, _points(1000, key.start_s + 1), cache.generation("a"))
+    assert cache.held_bytes == 8 * entry == _sample(metrics, "edgecom_cache_bytes")
+    assert cache.get(keys[0]) == _points(1000, 1)  # keys[0] is now the most recently used
+    assert cache.put(keys[8], _points(1000, 9), cache.generation("a"))
+    # Read in order, which leaves keys[0] the least recently used.
+    assert [cache.get(key) is not None for key in keys[:9]] == [True, False] + [True] * 7
+    # A small answer evicts by bytes too, only as many entries as it needs.
+    assert cache.put(keys[9], _points(10), cache.generation("a"))
+    assert len(cache) == 8 and cache.get(keys[0]) is None
+    assert cache.held_bytes == 7 * entry + _entry_bytes(_points(10))
+    assert _sample(metrics, "edgecom_cache_bytes") == cache.held_bytes
+    assert _sample(metrics, "edgecom_cache_entries") == 8
+    # Storing a key again replaces its bytes instead of adding them.
+    assert cache.put(keys[9], _points(10, 2.0), cache.generation("a"))
+    assert cache.held_bytes == 7 * entry + _entry_bytes(_points(10))
+    assert cache.invalidate("a", 0, 4) == 2  # keys 2 and 3 are held and overlap [0, 4)
+    assert cache.held_bytes == 5 * entry + _entry_bytes(_points(10))
+    assert _sample(metrics, "edgecom_cache_bytes") == cache.held_bytes
+
+
+def test_an_answer_over_an_eighth_of_max_bytes_is_not_cached() -> None:
+    metrics = Metrics()
+    answer = _points(1000)
+    cache = QueryCache(100, max_bytes=8 * _entry_bytes(answer), metrics=metrics)
+    key = CacheKey("a", 0, 60, "60", "AVG")
+    assert cache.put(key, answer, cache.generation("a"))
+    assert not cache.put(CacheKey("a", 60, 120, "60", "AVG"), _points(1001), cache.generation("a"))
+    # The small entry already held stays.
+    assert len(cache) == 1 and cache.get(key) == answer
+    assert _sample(metrics, "edgecom_cache_bytes") == _entry_bytes(answer)
+
+
+def test_a_hit_returns_a_copy_the_caller_may_change() -> None:
+    cache = QueryCache(10)
+    key = CacheKey("a", 0, 60, "60", "AVG")
+    cache.put(key, _points(3), cache.generation("a"))
+    first = cache.get(key)
+    first.data[0].value = 99.0
+    assert cache.get(key) == _points(3)
+
+
+def test_max_bytes_zero_disables_the_cache() -> None:
+    servicer = _Servicer()
+    cache = QueryCache(100, max_bytes=0)
+    with _serve([CacheInterceptor(cache, _key_fn)], servicer) as client:
+        client.query()
+        client.query()
+    assert servicer.calls == 2 and len(cache) == 0
 
 
 # Auth
@@ -748,8 +832,8 @@ def test_interceptors_run_in_the_declared_order() -> None:
     declared = (
         RequestLogInterceptor(),
         MetricsInterceptor(metrics),
+        RateLimitInterceptor(rps=0.001, burst=3, clock=_Clock(), metrics=metrics),
         AuthInterceptor([TOKEN]),
-        RateLimitInterceptor(rps=0.001, burst=2, clock=_Clock(), metrics=metrics),
         CacheInterceptor(QueryCache(10), _key_fn, metrics),
     )
     # A probe before each interceptor and one after the last shows where each one acts.
@@ -782,16 +866,17 @@ def test_interceptors_run_in_the_declared_order() -> None:
             *entered("p0", "p1", "p2", "p3", "p4"),
             *left(2, "p4", "p3", "p2", "p1", "p0"),
         ]
-        # No token: auth, between p2 and p3, refuses (and uses no rate-limit token).
+        # No token: auth, between p3 and p4, refuses, after the rate limit took a token.
         assert run(client.query) == [
-            *entered("p0", "p1", "p2"),
-            *left(1, "p2", "p1", "p0"),
-        ]
-        # Both tokens spent: the rate limit, between p3 and p4, refuses.
-        assert run(lambda: client.query(metadata=BEARER)) == [
             *entered("p0", "p1", "p2", "p3"),
             *left(1, "p3", "p2", "p1", "p0"),
         ]
+        # All three tokens spent: the rate limit, between p2 and p3, refuses, token or not.
+        for count, metadata in enumerate((BEARER, ()), start=1):
+            assert run(lambda m=metadata: client.query(metadata=m)) == [
+                *entered("p0", "p1", "p2"),
+                *left(count, "p2", "p1", "p0"),
+            ]
 
 
 # Drain

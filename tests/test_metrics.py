@@ -16,6 +16,7 @@ EXPOSED = {
     "edgecom_cache_hits_total": "counter",
     "edgecom_cache_misses_total": "counter",
     "edgecom_cache_entries": "gauge",
+    "edgecom_cache_bytes": "gauge",
     "edgecom_rate_limited_total": "counter",
     "edgecom_ingested_points_total": "counter",
     "edgecom_skipped_points_total": "counter",

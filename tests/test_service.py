@@ -18,13 +18,15 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from conftest import ASSET, ROOT, wait_for
+from conftest import ASSET, ROOT, RunningService, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from test_edgecom import free_port, points_of, request, status_of
 from test_repository import DAY, T0
 
 import edgecom
+from interceptors import QueryCache
+from metrics import Metrics
 from repository import LISTENER_APPLICATION_NAME
 from simulator import Faults, Simulator
 
@@ -732,3 +734,170 @@ def test_an_open_health_watch_does_not_hold_the_exit(start_service):
     service.proc.send_signal(signal.SIGTERM)
     assert next(reply.status for reply in watch if reply.status != SERVING) == NOT_SERVING
     assert service.proc.wait(60) == 0, service.log_text()
+
+
+# --- limits: cache memory and rate limit ----------------------------------------------------
+
+QUARTER = 900
+ANSWER_POINTS = 1500  # about 31 KB serialized: 32 fit in a 1 MiB cache
+
+
+def insert_quarter_hours(dsn: str, start_s: int, count: int) -> None:
+    """Store count quarter-hour points of ASSET from start_s, written by the database itself."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO points (asset_id, time, value)"
+            " SELECT %s, to_timestamp(%s + i * %s), sin(i * 0.37) * 500"
+            " FROM generate_series(0, %s - 1) AS i",
+            (ASSET, start_s, QUARTER, count),
+        )
+
+
+def test_many_distinct_large_answers_keep_the_cache_within_its_byte_bound(repository, dsn):
+    max_bytes = 2**20
+    config = edgecom.Config(
+        upstream=edgecom.UpstreamConfig(assets=(ASSET,)),
+        cache=edgecom.CacheConfig(max_bytes=max_bytes),
+        rate_limit=edgecom.RateLimitConfig(rps=0),
+    )
+    metrics = Metrics()
+    cache = QueryCache(config.cache.size, max_bytes=config.cache.max_bytes, metrics=metrics)
+    interceptors = edgecom.build_interceptors(config, metrics=metrics, cache=cache)
+    running = RunningService(
+        repository, assets=(ASSET,), max_points=100000, interceptors=interceptors
+    )
+    distinct = 300
+    huge_points = 7000  # about 147 KB: over an eighth of max_bytes
+    insert_quarter_hours(dsn, T0, huge_points)
+
+    def held_bytes() -> float:
+        return metrics.registry.get_sample_value("edgecom_cache_bytes")
+
+    try:
+        for i in range(distinct):
+            start_s = T0 + i * QUARTER
+            answer = running.stub.QueryTimeSeries(
+                request(start_s, start_s + ANSWER_POINTS * QUARTER, "15m", "AVG"), timeout=30
+            )
+            assert len(answer.data) == ANSWER_POINTS
+            assert 0 < held_bytes() <= max_bytes
+        # Far fewer than the entry bound, and the most recent answers are the ones kept.
+        assert 16 <= len(cache) < distinct // 4
+        assert metrics.registry.get_sample_value("edgecom_cache_entries") == len(cache)
+        last = request(start_s, start_s + ANSWER_POINTS * QUARTER, "15m", "AVG")
+        hits = metrics.registry.get_sample_value("edgecom_cache_hits_total")
+        assert running.stub.QueryTimeSeries(last, timeout=30) == answer
+        assert metrics.registry.get_sample_value("edgecom_cache_hits_total") == hits + 1
+
+        # An answer of more than an eighth of the bound is served but never stored.
+        huge = request(T0, T0 + huge_points * QUARTER, "15m", "AVG")
+        entries, held = len(cache), held_bytes()
+        for _ in range(2):
+            assert len(running.stub.QueryTimeSeries(huge, timeout=30).data) == huge_points
+        assert (len(cache), held_bytes()) == (entries, held)
+        assert metrics.registry.get_sample_value("edgecom_cache_hits_total") == hits + 1
+    finally:
+        running.close()
+
+
+def burst_outcomes(calls: Iterator[Callable[[], object]]) -> list[grpc.StatusCode]:
+    """The status code each call ends with, in order."""
+    codes = []
+    for call in calls:
+        try:
+            call()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            codes.append(error.code())
+    return codes
+
+
+RATE_LIMITED = {"EDGECOM_RATE_LIMIT_RPS": "0.001", "EDGECOM_RATE_LIMIT_BURST": "10"}
+OK, REFUSED = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_fresh_client_id_per_call_does_not_escape_the_rate_limit(start_service):
+    service = start_service(**RATE_LIMITED)
+    service.wait_serving()
+    stub = service.stub()
+    codes = burst_outcomes(
+        lambda i=i: stub.ListAssets(
+            edgecom.protos.ListAssetsRequest(), metadata=(("x-client-id", f"fresh-{i}"),)
+        )
+        for i in range(100)
+    )
+    assert codes == [OK] * 10 + [REFUSED] * 90
+
+
+def test_trusted_client_ids_get_a_bucket_each(start_service):
+    service = start_service(**RATE_LIMITED, EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID="true")
+    service.wait_serving()
+    stub = service.stub()
+
+    def list_assets_as(client_id: str) -> Callable[[], object]:
+        metadata = (("x-client-id", client_id),)
+        return lambda: stub.ListAssets(edgecom.protos.ListAssetsRequest(), metadata=metadata)
+
+    assert burst_outcomes(list_assets_as(f"meter-{i % 5}") for i in range(50)) == [OK] * 50
+    assert burst_outcomes(list_assets_as("meter-0") for _ in range(2)) == [REFUSED] * 2
+    assert burst_outcomes([list_assets_as("meter-5")]) == [OK]
+
+
+def test_wrong_token_guesses_are_rate_limited(start_service):
+    service = start_service(**RATE_LIMITED, EDGECOM_AUTH_TOKENS="s3cret")
+    service.wait_serving()
+    stub = service.stub()
+    codes = burst_outcomes(
+        lambda i=i: stub.ListAssets(
+            edgecom.protos.ListAssetsRequest(), metadata=(("authorization", f"Bearer guess-{i}"),)
+        )
+        for i in range(50)
+    )
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 10 + [REFUSED] * 40
+    # The right token from the same peer waits for the refill like any other call.
+    code, details = status_of(
+        lambda: stub.ListAssets(
+            edgecom.protos.ListAssetsRequest(), metadata=(("authorization", "Bearer s3cret"),)
+        )
+    )
+    assert code == REFUSED and "for client '127.0.0.1'" in details
+
+
+def process_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.mark.slow
+def test_service_memory_stays_flat_under_many_distinct_large_answers(start_service, dsn):
+    max_bytes = 4 * 2**20
+    metrics_port = free_port()
+    service = start_service(
+        EDGECOM_CACHE_MAX_BYTES=str(max_bytes), EDGECOM_METRICS_PORT=str(metrics_port)
+    )
+    service.wait_serving()
+    half_year = 17_520  # quarter-hours: about 370 KB serialized, 1.5 MB as a parsed message
+    distinct, warm_up = 120, 30
+    insert_quarter_hours(dsn, T0, half_year + distinct)
+    stub = service.stub()
+    rss = []
+    for i in range(distinct):
+        start_s = T0 + i * QUARTER
+        answer = stub.QueryTimeSeries(
+            request(start_s, start_s + half_year * QUARTER, "15m", "AVG"), timeout=60
+        )
+        assert len(answer.data) == half_year
+        rss.append(process_rss_bytes(service.proc.pid))
+    samples = scrape(metrics_port)
+    assert 0 < samples[("edgecom_cache_bytes", ())] <= max_bytes
+    assert samples[("edgecom_cache_entries", ())] < warm_up
+    # Once the cache is full, more distinct answers replace entries instead of adding memory
+    # (about 1 MiB in all, measured); without the byte bound each one would add 370 KB held
+    # serialized, 1.5 MB held as a message.
+    growth = rss[-1] - rss[warm_up - 1]
+    assert growth < 12 * 2**20, (
+        f"RSS grew {growth / 2**20:.0f} MiB over {distinct - warm_up} answers"
+    )
