@@ -791,6 +791,85 @@ def test_the_scheduler_stops_soon_while_an_upstream_answer_hangs(
     assert not _thread_alive("test-hanging")
 
 
+def test_a_stuck_asset_does_not_delay_the_next_poll_of_the_others(
+    hanging_upstream, sim, repository, clock, dsn, caplog
+):
+    shutdown = threading.Event()
+    spans: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+
+    def record(asset_id: str, outcome: str, duration_s: float) -> None:
+        now = time.monotonic()
+        with lock:
+            spans.append((asset_id, now - duration_s, now))
+
+    # Every attempt for the stuck asset hangs until its 1 s timeout and it gets twenty, so
+    # its sync lasts far longer than the poll interval; concurrency 2 gives each asset one.
+    with ApiClient(
+        url_template=hanging_upstream,
+        timeout_s=1.0,
+        max_attempts=20,
+        backoff_initial_s=0.001,
+        backoff_max_s=0.01,
+        on_request=record,
+        stop=shutdown,
+    ) as client:
+        ingestor = Ingestor(
+            client=client,
+            repository=repository,
+            assets=(THIRD_ASSET, ASSET),
+            bootstrap_s=DAY,
+            chunk_s=DAY,
+            concurrency=2,
+            overlap_s=HOUR,
+            clock=clock,
+        )
+        start, end = ingestor.window()
+        scheduler = Scheduler(
+            lambda stop: ingestor.start_round(), interval_s=0.5, name="test-polls"
+        )
+        polls = lambda: len([r for r in sim.requests if r.asset_id == ASSET])  # noqa: E731
+        try:
+            with caplog.at_level(logging.INFO, logger="scheduler"):
+                scheduler.start()
+                assert wait_for(lambda: coverage(repository, ingestor, ASSET) == 1.0, timeout_s=10)
+                first = polls()
+                time.sleep(3)
+                while_stuck = polls() - first
+                # A point that appears now is stored within a poll interval or two.
+                clock.advance(STEP_S)
+                newest = int(clock()) // STEP_S * STEP_S
+                assert wait_for(lambda: stored(dsn, ASSET)[-1][0] == newest, timeout_s=2)
+            # All along, the stuck asset was still in its first sync.
+            stuck = repository.asset_status([THIRD_ASSET], start_s=start, end_s=end)[0]
+            assert stuck.last_error is None and stuck.last_success_s is None
+        finally:
+            # As the service shuts down: the client stops retrying, then scheduler and
+            # ingestor join their threads.
+            shutdown.set()
+            stopping = time.monotonic()
+            scheduler.close(timeout_s=10)
+            ingestor.close(timeout_s=10)
+            closing_s = time.monotonic() - stopping
+    assert while_stuck >= 4, f"{while_stuck} polls of the other asset in 3 s"
+    assert stored(dsn, ASSET) == sim.points(ASSET, start, int(clock()))
+    # The attempt in flight ended at its timeout and nothing started after.
+    assert closing_s < 1.0 + 1.0
+    assert not any(t.name.startswith(("test-polls", "sync-")) for t in threading.enumerate())
+    # The stuck asset was skipped by later rounds, never synced twice at once, and the
+    # requests of both assets together stayed within the bound.
+    skipped = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "asset still syncing; skipped this round" and r.asset_id == THIRD_ASSET
+    ]
+    assert len(skipped) >= 4
+    assert most_at_once(spans) <= 2
+    assert most_at_once([s for s in spans if s[0] == THIRD_ASSET]) <= 1
+    stuck = repository.asset_status([THIRD_ASSET], start_s=start, end_s=end)[0]
+    assert "timed out after" in stuck.last_error
+
+
 # -- progress and shutdown -------------------------------------------------------------------
 
 
