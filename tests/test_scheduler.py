@@ -662,11 +662,18 @@ class _HangsForOneAsset(BaseHTTPRequestHandler):
     """Sends the headers of an answer for `stuck` and then nothing; relays the rest to `sim`."""
 
     def __init__(
-        self, *args: Any, stuck: str, sim: Simulator, release: threading.Event, **kwargs: Any
+        self,
+        *args: Any,
+        stuck: str,
+        sim: Simulator,
+        release: threading.Event,
+        hung: threading.Event,
+        **kwargs: Any,
     ) -> None:
         self._stuck = stuck
         self._sim = sim
         self._release = release
+        self._hung = hung
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:
@@ -676,6 +683,7 @@ class _HangsForOneAsset(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "1000")
             self.end_headers()
             self.wfile.flush()
+            self._hung.set()
             self._release.wait(60)
             return
         relayed = self._sim.url_template.split("/core/")[0] + self.path
@@ -692,10 +700,16 @@ class _HangsForOneAsset(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def hanging_upstream(sim: Simulator) -> Iterator[str]:
+def hung() -> threading.Event:
+    """Set once the hanging upstream holds a request it will not finish answering."""
+    return threading.Event()
+
+
+@pytest.fixture
+def hanging_upstream(sim: Simulator, hung: threading.Event) -> Iterator[str]:
     """URL template of an upstream that never finishes answering for THIRD_ASSET."""
     release = threading.Event()
-    handler = partial(_HangsForOneAsset, stuck=THIRD_ASSET, sim=sim, release=release)
+    handler = partial(_HangsForOneAsset, stuck=THIRD_ASSET, sim=sim, release=release, hung=hung)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
@@ -868,6 +882,33 @@ def test_a_stuck_asset_does_not_delay_the_next_poll_of_the_others(
     assert most_at_once([s for s in spans if s[0] == THIRD_ASSET]) <= 1
     stuck = repository.asset_status([THIRD_ASSET], start_s=start, end_s=end)[0]
     assert "timed out after" in stuck.last_error
+
+
+def test_ingestor_close_says_so_when_a_sync_does_not_stop(
+    hanging_upstream, hung, repository, caplog
+):
+    # No stop event for the client: the attempt in flight runs to its 1 s timeout.
+    with ApiClient(url_template=hanging_upstream, timeout_s=1.0, max_attempts=1) as client:
+        ingestor = Ingestor(
+            client=client,
+            repository=repository,
+            assets=(THIRD_ASSET,),
+            bootstrap_s=DAY,
+            chunk_s=DAY,
+            concurrency=1,
+            overlap_s=HOUR,
+        )
+        ingestor.start_round()
+        assert hung.wait(5)
+        with caplog.at_level(logging.WARNING, logger="scheduler"):
+            ingestor.close(timeout_s=0.1)
+        assert "asset syncs did not stop in time" in [r.getMessage() for r in caplog.records]
+        assert _thread_alive(f"sync-{THIRD_ASSET[:8]}")
+        # It ends at the timeout, and a closed ingestor starts nothing.
+        assert wait_for(lambda: not _thread_alive(f"sync-{THIRD_ASSET[:8]}"), timeout_s=5)
+        ingestor.start_round()
+        assert not _thread_alive(f"sync-{THIRD_ASSET[:8]}")
+        ingestor.close()
 
 
 # -- progress and shutdown -------------------------------------------------------------------
