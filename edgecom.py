@@ -1449,7 +1449,8 @@ def run(
     """Run the service until `stop` is set, then shut it down in order. Blocks.
 
     Resources are entered in dependency order so the ExitStack closes them in reverse:
-    scheduler, upstream client, change listener, pool, embedded database.
+    scheduler, ingestor (its asset syncs), upstream client, change listener, pool,
+    embedded database.
     """
     with ExitStack() as stack:
         if config.database.embedded:
@@ -1522,15 +1523,17 @@ def run(
                 max_response_bytes=config.upstream.max_response_bytes,
             )
         )
-        ingestor = Ingestor(
-            client=client,
-            repository=repository,
-            assets=config.upstream.assets,
-            bootstrap_s=config.upstream.bootstrap,
-            chunk_s=config.upstream.chunk,
-            concurrency=config.upstream.concurrency,
-            overlap_s=config.upstream.overlap,
-            observer=observer,
+        ingestor = stack.enter_context(
+            Ingestor(
+                client=client,
+                repository=repository,
+                assets=config.upstream.assets,
+                bootstrap_s=config.upstream.bootstrap,
+                chunk_s=config.upstream.chunk,
+                concurrency=config.upstream.concurrency,
+                overlap_s=config.upstream.overlap,
+                observer=observer,
+            )
         )
         servicer = TimeSeriesServicer(
             repository=repository,
@@ -1574,7 +1577,9 @@ def run(
             while not watch.wait_ready(1.0):
                 if stop_ingest.is_set():
                     return
-            ingestor.run_once(stop_ingest)
+            # Starts the syncs and returns: an asset stuck on its upstream must not delay
+            # the next poll of the others.
+            ingestor.start_round()
 
         stack.enter_context(
             Scheduler(ingest, interval_s=config.upstream.poll_interval, name="ingest")

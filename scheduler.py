@@ -97,8 +97,8 @@ class Ingestor:
 
     One algorithm serves bootstrap, polling and catch-up: fetch what the repository has not
     recorded as covered in [now - bootstrap, now), plus the last `overlap` again for late
-    and revised points. Several assets are synced at once, and `concurrency` bounds the
-    upstream requests in flight across all of them.
+    and revised points. Each asset syncs on a thread of its own, several at once, and
+    `concurrency` bounds the upstream requests in flight across all of them.
     """
 
     def __init__(
@@ -125,44 +125,103 @@ class Ingestor:
         self._observer = observer or _QuietObserver()
         self._clock = clock
         self._progress_interval_s = progress_interval_s
+        # Fixed shares that add up to `concurrency`, one per asset syncing at a time: a
+        # sync takes one for its fetches and gives it back after. A stuck upstream holds
+        # only its own share, so the other assets keep theirs.
+        self._shares: queue.SimpleQueue[int] = queue.SimpleQueue()
+        workers = min(self._concurrency, len(self._assets))
+        for worker in range(workers):
+            self._shares.put(self._concurrency // workers + (worker < self._concurrency % workers))
+        self._syncs: dict[str, threading.Thread] = {}  # each asset's latest sync
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def window(self) -> tuple[int, int]:
         """The [start, end) range in Unix seconds that ingestion keeps complete right now."""
         now = int(self._clock())
         return (now - self._bootstrap_s) // STEP_S * STEP_S, now
 
+    def start_round(self) -> None:
+        """Start a sync for every asset that is not syncing already; returns at once.
+
+        This is what the scheduler runs every poll interval. An asset whose previous sync
+        is still going (a bootstrap, or a stuck upstream retrying until it gives up) is
+        skipped this round rather than started twice, and holds up no other asset's poll.
+        The syncs stop soon after close().
+        """
+        if not self._stop.is_set():
+            self._start_syncs(self._stop)
+
     def run_once(self, stop: threading.Event | None = None) -> None:
         """Sync every asset once, several at a time; blocks until all are done.
 
-        One asset failing or hanging never stops or delays the others: each asset worker
-        fetches within its own share of `concurrency`, so a stuck upstream answer holds
-        only that share, until its timeout. Returns soon after `stop` is set.
+        An asset already syncing (from start_round) is waited for, not started again.
+        Returns soon after `stop` (default: the one close() sets) is set.
         """
-        stop = stop or threading.Event()
-        workers = min(self._concurrency, len(self._assets))
-        if not workers:
-            return
-        # Fixed shares that add up to `concurrency`: one per asset worker, taken for the
-        # asset it syncs and given back after, so the total in flight never exceeds it.
-        shares: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for worker in range(workers):
-            shares.put(self._concurrency // workers + (worker < self._concurrency % workers))
-        with ThreadPoolExecutor(workers, thread_name_prefix="ingest-asset") as pool:
-            for asset_id in self._assets:
-                pool.submit(self._sync_in_share, asset_id, stop, shares)
+        for sync in self._start_syncs(stop or self._stop):
+            sync.join()
 
-    def _sync_in_share(
-        self, asset_id: str, stop: threading.Event, shares: queue.SimpleQueue[int]
-    ) -> None:
+    def close(self, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+        """Stop the syncs after their current chunk and join them; safe to call twice.
+
+        Blocks up to `timeout_s`, then logs a warning and returns with the stuck ones still
+        running (daemon threads, so they do not keep the process alive).
+        """
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            syncs = list(self._syncs.values())
+        for sync in syncs:
+            sync.join(max(0.0, deadline - time.monotonic()))
+        stuck = sorted(sync.name for sync in syncs if sync.is_alive())
+        if stuck:
+            log.warning(
+                "asset syncs did not stop in time",
+                extra={"threads": stuck, "timeout_s": timeout_s},
+            )
+
+    def __enter__(self) -> Ingestor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _start_syncs(self, stop: threading.Event) -> list[threading.Thread]:
+        """Start a thread for each asset not syncing yet; returns every asset's thread."""
+        syncs = []
+        # Under the lock, so two callers never both find an asset idle and start it twice.
+        with self._lock:
+            for asset_id in self._assets:
+                sync = self._syncs.get(asset_id)
+                if sync is not None and sync.is_alive():
+                    log.info(
+                        "asset still syncing; skipped this round", extra={"asset_id": asset_id}
+                    )
+                else:
+                    sync = threading.Thread(
+                        target=self._sync_in_share,
+                        args=(asset_id, stop),
+                        name=f"sync-{asset_id[:8]}",
+                        daemon=True,
+                    )
+                    sync.start()
+                    self._syncs[asset_id] = sync
+                syncs.append(sync)
+        return syncs
+
+    def _sync_in_share(self, asset_id: str, stop: threading.Event) -> None:
         if stop.is_set():
             return
-        share = shares.get()
+        # With more assets than shares, a sync waits here for one: the requests in flight
+        # never exceed `concurrency`, however many rounds overlap.
+        share = self._shares.get()
         try:
-            self.sync_asset(asset_id, stop, concurrency=share)
+            if not stop.is_set():
+                self.sync_asset(asset_id, stop, concurrency=share)
         except Exception:
             log.exception("ingestion run failed", extra={"asset_id": asset_id})
         finally:
-            shares.put(share)
+            self._shares.put(share)
 
     def sync_asset(
         self, asset_id: str, stop: threading.Event, *, concurrency: int | None = None
@@ -342,7 +401,9 @@ class Scheduler:
 
     The job gets the stop event and should return soon after it is set. Runs never overlap:
     the interval counts from the end of the previous run, so a run that takes longer than
-    the interval is followed by the next one straight away, never by two at once.
+    the interval is followed by the next one straight away, never by two at once. A job
+    whose work may outlast the interval starts it on threads of its own and returns, so
+    the rhythm holds (the service's ingestion job does so).
     """
 
     def __init__(

@@ -662,11 +662,18 @@ class _HangsForOneAsset(BaseHTTPRequestHandler):
     """Sends the headers of an answer for `stuck` and then nothing; relays the rest to `sim`."""
 
     def __init__(
-        self, *args: Any, stuck: str, sim: Simulator, release: threading.Event, **kwargs: Any
+        self,
+        *args: Any,
+        stuck: str,
+        sim: Simulator,
+        release: threading.Event,
+        hung: threading.Event,
+        **kwargs: Any,
     ) -> None:
         self._stuck = stuck
         self._sim = sim
         self._release = release
+        self._hung = hung
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:
@@ -676,6 +683,7 @@ class _HangsForOneAsset(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "1000")
             self.end_headers()
             self.wfile.flush()
+            self._hung.set()
             self._release.wait(60)
             return
         relayed = self._sim.url_template.split("/core/")[0] + self.path
@@ -692,10 +700,16 @@ class _HangsForOneAsset(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def hanging_upstream(sim: Simulator) -> Iterator[str]:
+def hung() -> threading.Event:
+    """Set once the hanging upstream holds a request it will not finish answering."""
+    return threading.Event()
+
+
+@pytest.fixture
+def hanging_upstream(sim: Simulator, hung: threading.Event) -> Iterator[str]:
     """URL template of an upstream that never finishes answering for THIRD_ASSET."""
     release = threading.Event()
-    handler = partial(_HangsForOneAsset, stuck=THIRD_ASSET, sim=sim, release=release)
+    handler = partial(_HangsForOneAsset, stuck=THIRD_ASSET, sim=sim, release=release, hung=hung)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
@@ -789,6 +803,112 @@ def test_the_scheduler_stops_soon_while_an_upstream_answer_hangs(
     # The attempt in flight ended at its timeout, and none started after.
     assert time.monotonic() - stopping < 1.0 + 1.0
     assert not _thread_alive("test-hanging")
+
+
+def test_a_stuck_asset_does_not_delay_the_next_poll_of_the_others(
+    hanging_upstream, sim, repository, clock, dsn, caplog
+):
+    shutdown = threading.Event()
+    spans: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+
+    def record(asset_id: str, outcome: str, duration_s: float) -> None:
+        now = time.monotonic()
+        with lock:
+            spans.append((asset_id, now - duration_s, now))
+
+    # Every attempt for the stuck asset hangs until its 1 s timeout and it gets twenty, so
+    # its sync lasts far longer than the poll interval; concurrency 2 gives each asset one.
+    with ApiClient(
+        url_template=hanging_upstream,
+        timeout_s=1.0,
+        max_attempts=20,
+        backoff_initial_s=0.001,
+        backoff_max_s=0.01,
+        on_request=record,
+        stop=shutdown,
+    ) as client:
+        ingestor = Ingestor(
+            client=client,
+            repository=repository,
+            assets=(THIRD_ASSET, ASSET),
+            bootstrap_s=DAY,
+            chunk_s=DAY,
+            concurrency=2,
+            overlap_s=HOUR,
+            clock=clock,
+        )
+        start, end = ingestor.window()
+        scheduler = Scheduler(
+            lambda stop: ingestor.start_round(), interval_s=0.5, name="test-polls"
+        )
+        polls = lambda: len([r for r in sim.requests if r.asset_id == ASSET])  # noqa: E731
+        try:
+            with caplog.at_level(logging.INFO, logger="scheduler"):
+                scheduler.start()
+                assert wait_for(lambda: coverage(repository, ingestor, ASSET) == 1.0, timeout_s=10)
+                first = polls()
+                time.sleep(3)
+                while_stuck = polls() - first
+                # A point that appears now is stored within a poll interval or two.
+                clock.advance(STEP_S)
+                newest = int(clock()) // STEP_S * STEP_S
+                assert wait_for(lambda: stored(dsn, ASSET)[-1][0] == newest, timeout_s=2)
+            # All along, the stuck asset was still in its first sync.
+            stuck = repository.asset_status([THIRD_ASSET], start_s=start, end_s=end)[0]
+            assert stuck.last_error is None and stuck.last_success_s is None
+        finally:
+            # As the service shuts down: the client stops retrying, then scheduler and
+            # ingestor join their threads.
+            shutdown.set()
+            stopping = time.monotonic()
+            scheduler.close(timeout_s=10)
+            ingestor.close(timeout_s=10)
+            closing_s = time.monotonic() - stopping
+    assert while_stuck >= 4, f"{while_stuck} polls of the other asset in 3 s"
+    assert stored(dsn, ASSET) == sim.points(ASSET, start, int(clock()))
+    # The attempt in flight ended at its timeout and nothing started after.
+    assert closing_s < 1.0 + 1.0
+    assert not any(t.name.startswith(("test-polls", "sync-")) for t in threading.enumerate())
+    # The stuck asset was skipped by later rounds, never synced twice at once, and the
+    # requests of both assets together stayed within the bound.
+    skipped = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "asset still syncing; skipped this round" and r.asset_id == THIRD_ASSET
+    ]
+    assert len(skipped) >= 4
+    assert most_at_once(spans) <= 2
+    assert most_at_once([s for s in spans if s[0] == THIRD_ASSET]) <= 1
+    stuck = repository.asset_status([THIRD_ASSET], start_s=start, end_s=end)[0]
+    assert "timed out after" in stuck.last_error
+
+
+def test_ingestor_close_says_so_when_a_sync_does_not_stop(
+    hanging_upstream, hung, repository, caplog
+):
+    # No stop event for the client: the attempt in flight runs to its 1 s timeout.
+    with ApiClient(url_template=hanging_upstream, timeout_s=1.0, max_attempts=1) as client:
+        ingestor = Ingestor(
+            client=client,
+            repository=repository,
+            assets=(THIRD_ASSET,),
+            bootstrap_s=DAY,
+            chunk_s=DAY,
+            concurrency=1,
+            overlap_s=HOUR,
+        )
+        ingestor.start_round()
+        assert hung.wait(5)
+        with caplog.at_level(logging.WARNING, logger="scheduler"):
+            ingestor.close(timeout_s=0.1)
+        assert "asset syncs did not stop in time" in [r.getMessage() for r in caplog.records]
+        assert _thread_alive(f"sync-{THIRD_ASSET[:8]}")
+        # It ends at the timeout, and a closed ingestor starts nothing.
+        assert wait_for(lambda: not _thread_alive(f"sync-{THIRD_ASSET[:8]}"), timeout_s=5)
+        ingestor.start_round()
+        assert not _thread_alive(f"sync-{THIRD_ASSET[:8]}")
+        ingestor.close()
 
 
 # -- progress and shutdown -------------------------------------------------------------------
