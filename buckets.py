@@ -114,26 +114,25 @@ class Buckets:
             day = self._next_span_day(day)
             span_start, span_end = span_end, self._span_end(day)
 
-    def edges(self, lo: int, hi: int) -> list[int]:
-        """Ascending instants whose consecutive pairs cover [lo, hi) without gaps.
+    def edges(self, lo: int, hi: int) -> Iterator[int]:
+        """Ascending instants whose consecutive pairs cover [lo, hi) without gaps; lazily.
 
         "days": the starts of the buckets overlapping [lo, hi), then the end of the last.
         "strides": the same for local days, which the window then cuts into buckets.
-        "epoch": empty; the buckets need no edges.
+        "epoch": none; the buckets need no edges.
         The last edge is at most LAST_S, which datetime can hold: it covers every range
         that ends at or before LAST_S.
         """
         if self.layout == "epoch" or lo >= hi:
-            return []
+            return
         day = self._span_day(lo)
-        edges = [self._first_instant(day)]
+        yield self._first_instant(day)
         span_end = self._span_end(day)
         while span_end < hi:
-            edges.append(span_end)
+            yield span_end
             day = self._next_span_day(day)
             span_end = self._span_end(day)
-        edges.append(min(span_end, LAST_S))
-        return edges
+        yield min(span_end, LAST_S)
 
     # --- local calendar ---------------------------------------------------------------
     # A "span" is a bucket of the "days" layout, or one local day for "strides". Local

@@ -652,8 +652,8 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
         ) from None
     if buckets.layout != "epoch":
         try:
-            buckets.edges(start_s, start_s + 1)
-            buckets.edges(end_s - 1, end_s)
+            list(buckets.edges(start_s, start_s + 1))
+            list(buckets.edges(end_s - 1, end_s))
         except (OverflowError, ValueError, OSError):
             raise InvalidRequest(
                 "start and end are too close to the limits of the calendar (years 1 and "
@@ -724,7 +724,9 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             data = response.data
             with (
                 self._snapshot(context) as snapshot,
-                closing(self._series(snapshot, query, limit=self._max_points + 1)) as series,
+                closing(
+                    self._series(snapshot, query, limit=self._max_points + 1, context=context)
+                ) as series,
             ):
                 for bucket, value, count in _until_call_ends(series, context):
                     if len(data) == self._max_points:
@@ -750,7 +752,7 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             # its connection until the last page is sent or the call ends.
             with (
                 self._snapshot(context) as snapshot,
-                closing(self._series(snapshot, query, limit=None)) as series,
+                closing(self._series(snapshot, query, limit=None, context=context)) as series,
             ):
                 page = protos.TimeSeriesResponse()
                 for bucket, value, count in _until_call_ends(series, context):
@@ -774,8 +776,17 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             cancellation=cancellation,
         )
 
-    def _series(self, snapshot: Snapshot, query: Query, *, limit: int | None) -> Iterator[Bucket]:
+    def _series(
+        self,
+        snapshot: Snapshot,
+        query: Query,
+        *,
+        limit: int | None,
+        context: grpc.ServicerContext,
+    ) -> Iterator[Bucket]:
         """The buckets of the answer, ascending, with empty ones filled as the query asks.
+
+        Raises QueryCancelled when the call ends while it is laying out the buckets.
 
         With a `limit`, reads at most that many non-empty buckets in one go; without, reads
         them through a server-side cursor, a page at a time.
@@ -803,8 +814,9 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
         rows: Iterable[Bucket] = ()
         if extent.first_s is not None and extent.last_s is not None:
             # Edges only for the stored points' part of the range: a long range holding little
-            # data costs nothing extra.
-            edges = buckets.edges(extent.first_s, extent.last_s + 1)
+            # data costs nothing extra. Stored points millennia apart would take minutes.
+            laid_out = buckets.edges(extent.first_s, extent.last_s + 1)
+            edges = list(_until_call_ends(laid_out, context))
             rows = read(BucketGrid(window_s=buckets.stride_s, edges_s=edges))
         fill_end = query.end_s
         if extent.after is None and query.end_s > self._clock():

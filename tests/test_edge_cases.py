@@ -236,6 +236,28 @@ def test_a_minute_fill_over_all_of_time_ends_by_its_deadline_while_others_are_an
         assert code in BOUNDED and seconds < DEADLINE_S + 1, (code, seconds)
 
 
+def test_local_days_between_points_millennia_apart_end_by_the_deadline(repository):
+    # Points at both ends of the calendar (stored before points were checked on the way in)
+    # lay millions of local days between them, all to be laid out before the database is asked.
+    repository.upsert_points(ASSET, [(MIN_S + DAY, 1.0), (MAX_S - DAY, 2.0)])
+    hostile = request(MIN_S, MAX_S, window="1d", timezone="Europe/Berlin")
+    small = request(YEAR_2024, YEAR_2024 + DAY)
+    with (
+        two_worker_server(repository) as address,
+        grpc.insecure_channel(address) as channel,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        stub = edgecom.services.TimeSeriesServiceStub(channel)
+        calls = [
+            pool.submit(ending, lambda: stub.QueryTimeSeries(hostile, timeout=DEADLINE_S)),
+            pool.submit(ending, lambda: list(stub.StreamTimeSeries(hostile, timeout=DEADLINE_S))),
+        ]
+        ends = [call.result() for call in calls]
+        assert stub.QueryTimeSeries(small, timeout=DEADLINE_S).data == []
+    for code, seconds in ends:
+        assert code in BOUNDED and seconds < DEADLINE_S + 1, (code, seconds)
+
+
 def test_sigterm_during_fills_over_all_of_time_exits_within_the_grace_period(
     start_service,  # noqa: F811 (the fixture imported above)
     repository,
