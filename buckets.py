@@ -5,14 +5,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 
 DAY_S = 86400
+# The instants datetime can hold: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+FIRST_S = -62_135_596_800
+LAST_S = 253_402_300_799
 # Multi-day, multi-week and multi-month buckets count from these local dates, so that
 # in UTC `<N>d` buckets are the Unix-epoch-aligned ones the service always had.
-_EPOCH_DAY = date(1970, 1, 1)
-_EPOCH_MONDAY = date(1970, 1, 5)
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
+_EPOCH_MONDAY = date(1970, 1, 5).toordinal()
 _EPOCH_MONTH = 1970 * 12
+_FIRST_DAY = date.min.toordinal()
+_LAST_DAY = date.max.toordinal()
+# The Gregorian calendar repeats every 400 years, which are this many days.
+_CYCLE_DAYS = 146_097
 
 FILLS = ("none", "zero", "previous", "linear", "nan")
 
@@ -87,115 +94,161 @@ class Buckets:
         return first + (t - first) // self.window.count * self.window.count
 
     def starts(self, lo: int, hi: int) -> Iterator[int]:
-        """Starts of the buckets overlapping [lo, hi), ascending; lazily, one at a time."""
+        """Starts of the buckets overlapping [lo, hi), ascending; lazily, one at a time.
+
+        The first is found arithmetically, however far `lo` lies from any other instant.
+        """
         if lo >= hi:
             return
         if self.layout == "epoch":
             yield from range(self.start_of(lo), hi, self.window.count)
             return
         first = self.start_of(lo)
-        span_start, span_end = self._span_of(lo)
-        day = self._span_date(lo)
+        day = self._span_day(lo)
+        span_start, span_end = self._first_instant(day), self._span_end(day)
         while span_start < hi:
             if self.layout == "days":
                 yield span_start
             else:
                 yield from range(max(first, span_start), min(span_end, hi), self.window.count)
-            day = self._next_span_date(day)
-            span_start, span_end = span_end, self._first_instant(self._next_span_date(day))
+            day = self._next_span_day(day)
+            span_start, span_end = span_end, self._span_end(day)
 
-    def edges(self, lo: int, hi: int) -> list[int]:
-        """Ascending instants whose consecutive pairs cover [lo, hi) without gaps.
+    def edges(self, lo: int, hi: int) -> Iterator[int]:
+        """Ascending instants whose consecutive pairs cover [lo, hi) without gaps; lazily.
 
         "days": the starts of the buckets overlapping [lo, hi), then the end of the last.
         "strides": the same for local days, which the window then cuts into buckets.
-        "epoch": empty; the buckets need no edges.
+        "epoch": none; the buckets need no edges.
+        The last edge is at most LAST_S, which datetime can hold: it covers every range
+        that ends at or before LAST_S.
         """
         if self.layout == "epoch" or lo >= hi:
-            return []
-        span_start, span_end = self._span_of(lo)
-        day = self._span_date(lo)
-        edges = [span_start]
+            return
+        day = self._span_day(lo)
+        yield self._first_instant(day)
+        span_end = self._span_end(day)
         while span_end < hi:
-            edges.append(span_end)
-            day = self._next_span_date(day)
-            span_end = self._first_instant(self._next_span_date(day))
-        edges.append(span_end)
-        return edges
+            yield span_end
+            day = self._next_span_day(day)
+            span_end = self._span_end(day)
+        yield min(span_end, LAST_S)
 
     # --- local calendar ---------------------------------------------------------------
-    # A "span" is a bucket of the "days" layout, or one local day for "strides".
+    # A "span" is a bucket of the "days" layout, or one local day for "strides". Local
+    # dates are proleptic Gregorian ordinals (date.toordinal()), which, unlike dates, go
+    # on before year 1 and after year 9999: an instant of year 1 or 9999 can fall on such
+    # a local date, and the span after the last one of year 9999 has to start somewhere.
 
     def _span_of(self, t: int) -> tuple[int, int]:
         """[start, end) of the span holding the instant `t`."""
-        day = self._span_date(t)
-        return self._first_instant(day), self._first_instant(self._next_span_date(day))
+        day = self._span_day(t)
+        return self._first_instant(day), self._span_end(day)
 
-    def _span_date(self, t: int) -> date:
+    def _span_end(self, day: int) -> int:
+        return self._first_instant(self._next_span_day(day))
+
+    def _span_day(self, t: int) -> int:
         """Local date on which the span holding the instant `t` starts."""
-        day = self._period_start(datetime.fromtimestamp(t, self.zone).date())
+        day = self._period_start(self._local_day(t))
         # Where a clock went back across midnight, the local date of an instant can be
         # the day before the one whose span holds it; spans are defined by instants.
-        while self._first_instant(self._next_span_date(day)) <= t:
-            day = self._next_span_date(day)
+        while self._span_end(day) <= t:
+            day = self._next_span_day(day)
         while self._first_instant(day) > t:
-            day = self._period_start(day - timedelta(days=1))
+            day = self._period_start(day - 1)
         return day
 
-    def _period_start(self, day: date) -> date:
+    def _period_start(self, day: int) -> int:
         """First local date of the span holding the local date `day`."""
         if self.layout == "strides":
             return day
         if self.window.unit == "mo":
-            month = (day.year * 12 + day.month - 1 - _EPOCH_MONTH) // self.window.count
-            first = _EPOCH_MONTH + month * self.window.count
-            return date(first // 12, first % 12 + 1, 1)
+            year, month, _ = _ymd(day)
+            index = (year * 12 + month - 1 - _EPOCH_MONTH) // self.window.count
+            first = _EPOCH_MONTH + index * self.window.count
+            return _ordinal(first // 12, first % 12 + 1)
         anchor, length = self._anchor_and_days()
-        offset = (day - anchor).days // length * length
-        return anchor + timedelta(days=offset)
+        return anchor + (day - anchor) // length * length
 
-    def _next_span_date(self, day: date) -> date:
+    def _next_span_day(self, day: int) -> int:
         """First local date of the span after the one starting on `day`."""
         if self.layout == "strides":
-            return day + timedelta(days=1)
+            return day + 1
         if self.window.unit == "mo":
-            month = day.year * 12 + day.month - 1 + self.window.count
-            return date(month // 12, month % 12 + 1, 1)
-        return day + timedelta(days=self._anchor_and_days()[1])
+            year, month, _ = _ymd(day)
+            index = year * 12 + month - 1 + self.window.count
+            return _ordinal(index // 12, index % 12 + 1)
+        return day + self._anchor_and_days()[1]
 
-    def _anchor_and_days(self) -> tuple[date, int]:
+    def _anchor_and_days(self) -> tuple[int, int]:
         if self.window.unit == "w":
             return _EPOCH_MONDAY, 7 * self.window.count
         return _EPOCH_DAY, self.window.count // DAY_S
 
-    def _first_instant(self, day: date) -> int:
+    def _first_instant(self, day: int) -> int:
         """The first instant (Unix seconds) whose local date is `day` or later.
 
         That is local midnight, the earlier one when midnight occurs twice; where the
         clock jumps over midnight (America/Havana, Asia/Beirut in spring) it is the
-        instant of the jump, the first moment the new day shows on the clock.
+        instant of the jump, the first moment the new day shows on the clock. Cut to
+        [FIRST_S, LAST_S + 1]: the calendar's first span starts at FIRST_S, and its
+        last ends at LAST_S + 1.
         """
-        midnight = datetime(day.year, day.month, day.day)
+        if day < _FIRST_DAY:
+            return FIRST_S
+        if day > _LAST_DAY:
+            return LAST_S + 1
+        midnight = datetime.fromordinal(day)
+        local_s = (day - _EPOCH_DAY) * DAY_S
+        # utcoffset of the naive local time: no datetime outside years 1 to 9999 is made.
         readings = sorted(
-            int(midnight.replace(tzinfo=self.zone, fold=fold).timestamp()) for fold in (0, 1)
+            local_s - int(self.zone.utcoffset(midnight.replace(fold=fold)).total_seconds())
+            for fold in (0, 1)
         )
-        if self._local_date(readings[0]) >= day:
-            return readings[0]
+        if self._local_day(readings[0]) >= day:
+            return max(FIRST_S, min(readings[0], LAST_S + 1))
         # Midnight falls in a gap: the two readings, made with the offsets before and after
         # the jump, bracket it. Find the first second of the new day between them.
         lo, hi = readings
-        while self._local_date(hi) < day:
+        while self._local_day(hi) < day:
             hi += 3600
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self._local_date(mid) >= day:
+            if self._local_day(mid) >= day:
                 hi = mid
             else:
                 lo = mid
-        return hi
+        return max(FIRST_S, min(hi, LAST_S + 1))
 
-    def _local_date(self, t: int) -> date:
-        return datetime.fromtimestamp(t, self.zone).date()
+    def _local_day(self, t: int) -> int:
+        """The local date of the instant `t`, which may lie before year 1 or after 9999."""
+        near = min(max(t, FIRST_S + DAY_S), LAST_S - DAY_S)
+        if near == t:
+            return datetime.fromtimestamp(t, self.zone).toordinal()
+        # Beyond a day from the calendar's ends the local date itself may not exist as a
+        # date; the zone's offset does not change there (no zone moves its clocks on the
+        # first or last days of the year), so it is taken from a day inward.
+        offset = datetime.fromtimestamp(near, self.zone).utcoffset()
+        return _EPOCH_DAY + (t + int(offset.total_seconds())) // DAY_S
+
+
+def _ymd(day: int) -> tuple[int, int, int]:
+    """Year, month and day of a proleptic Gregorian ordinal, also outside years 1 to 9999."""
+    cycles = 0
+    if day < _FIRST_DAY:
+        cycles = (day - _FIRST_DAY) // _CYCLE_DAYS
+    elif day > _LAST_DAY:
+        cycles = (day - _LAST_DAY - 1) // _CYCLE_DAYS + 1
+    inside = date.fromordinal(day - cycles * _CYCLE_DAYS)
+    return inside.year + cycles * 400, inside.month, inside.day
+
+
+def _ordinal(year: int, month: int) -> int:
+    """The ordinal of the first day of a month, also outside years 1 to 9999."""
+    cycles = (year - 1) // 400
+    inside = date(year - cycles * 400, month, 1)
+    return inside.toordinal() + cycles * _CYCLE_DAYS
 
 
 def fill_gaps(
@@ -254,6 +307,31 @@ def fill_gaps(
     while row is not None:
         yield row
         row = next(pending, None)
+
+
+def fillable(
+    fill: str,
+    lo: int,
+    hi: int,
+    *,
+    first_s: int | None,
+    last_s: int | None,
+    before: tuple[int, float] | None,
+    after: tuple[int, float] | None,
+) -> tuple[int, int]:
+    """The part of [lo, hi) whose buckets fill_gaps can answer, for the starts to give it.
+
+    `first_s` and `last_s` are the first and last stored point in [lo, hi), `before`
+    and `after` the nearest ones outside. "previous" and "linear" give nothing to the
+    empty buckets before the first known value, nor "linear" to those after the last:
+    the part drops them, so millennia of them cost no more than none. Every other
+    bucket in the part is answered.
+    """
+    if fill in ("previous", "linear") and before is None:
+        lo = hi if first_s is None else max(lo, first_s)
+    if fill == "linear" and after is None:
+        hi = lo if last_s is None else min(hi, last_s + 1)
+    return lo, hi
 
 
 def _interpolate(a: tuple[int, float], b: tuple[int, float], t: int) -> float:

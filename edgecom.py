@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, ExitStack, closing, contextmanage
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import yaml
@@ -36,7 +36,7 @@ from api_client import (
     ApiClient,
     validate_url_template,
 )
-from buckets import FILLS, Buckets, Window, fill_gaps
+from buckets import FILLS, Buckets, Window, fill_gaps, fillable
 from interceptors import (
     DEFAULT_CACHE_MAX_BYTES,
     AuthInterceptor,
@@ -671,8 +671,8 @@ def parse_query(request: Any, assets: Sequence[str]) -> Query:
         ) from None
     if buckets.layout != "epoch":
         try:
-            buckets.edges(start_s, start_s + 1)
-            buckets.edges(end_s - 1, end_s)
+            list(buckets.edges(start_s, start_s + 1))
+            list(buckets.edges(end_s - 1, end_s))
         except (OverflowError, ValueError, OSError):
             raise InvalidRequest(
                 "start and end are too close to the limits of the calendar (years 1 and "
@@ -743,9 +743,11 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             data = response.data
             with (
                 self._snapshot(context) as snapshot,
-                closing(self._series(snapshot, query, limit=self._max_points + 1)) as series,
+                closing(
+                    self._series(snapshot, query, limit=self._max_points + 1, context=context)
+                ) as series,
             ):
-                for bucket, value, count in series:
+                for bucket, value, count in _until_call_ends(series, context):
                     if len(data) == self._max_points:
                         raise TooManyPoints(
                             f"the answer has more than {self._max_points} points, filled "
@@ -769,10 +771,10 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             # its connection until the last page is sent or the call ends.
             with (
                 self._snapshot(context) as snapshot,
-                closing(self._series(snapshot, query, limit=None)) as series,
+                closing(self._series(snapshot, query, limit=None, context=context)) as series,
             ):
                 page = protos.TimeSeriesResponse()
-                for bucket, value, count in series:
+                for bucket, value, count in _until_call_ends(series, context):
                     point = page.data.add()
                     point.time.seconds = bucket
                     point.value = value
@@ -793,8 +795,17 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             cancellation=cancellation,
         )
 
-    def _series(self, snapshot: Snapshot, query: Query, *, limit: int | None) -> Iterator[Bucket]:
+    def _series(
+        self,
+        snapshot: Snapshot,
+        query: Query,
+        *,
+        limit: int | None,
+        context: grpc.ServicerContext,
+    ) -> Iterator[Bucket]:
         """The buckets of the answer, ascending, with empty ones filled as the query asks.
+
+        Raises QueryCancelled when the call ends while it is laying out the buckets.
 
         With a `limit`, reads at most that many non-empty buckets in one go; without, reads
         them through a server-side cursor, a page at a time.
@@ -822,23 +833,52 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
         rows: Iterable[Bucket] = ()
         if extent.first_s is not None and extent.last_s is not None:
             # Edges only for the stored points' part of the range: a long range holding little
-            # data costs nothing extra.
-            edges = buckets.edges(extent.first_s, extent.last_s + 1)
+            # data costs nothing extra. Stored points millennia apart would take minutes.
+            laid_out = buckets.edges(extent.first_s, extent.last_s + 1)
+            edges = list(_until_call_ends(laid_out, context))
             rows = read(BucketGrid(window_s=buckets.stride_s, edges_s=edges))
         fill_end = query.end_s
         if extent.after is None and query.end_s > self._clock():
-            # Nothing is invented past the last stored point while end is still ahead.
+            # Nothing is invented past the last stored point while end is still ahead: the
+            # fill ends with the bucket holding it, which may be the one holding start.
             last_s = extent.last_s
             if last_s is None and extent.before is not None:
                 last_s = extent.before[0]
-            fill_end = query.start_s if last_s is None else min(query.end_s, last_s + 1)
-        yield from fill_gaps(
-            rows,
-            buckets.starts(query.start_s, fill_end),
+            fill_end = query.start_s
+            if last_s is not None and last_s >= buckets.start_of(query.start_s):
+                fill_end = min(query.end_s, max(last_s, query.start_s) + 1)
+        lo, hi = fillable(
             query.fill,
+            query.start_s,
+            fill_end,
+            first_s=extent.first_s,
+            last_s=extent.last_s,
             before=extent.before,
             after=extent.after,
         )
+        yield from fill_gaps(
+            rows, buckets.starts(lo, hi), query.fill, before=extent.before, after=extent.after
+        )
+
+
+T = TypeVar("T")
+# How many buckets an answer is built between checks that its call is still on: a few
+# milliseconds of work.
+_CHECK_EVERY = 4096
+
+
+def _until_call_ends(items: Iterable[T], context: grpc.ServicerContext) -> Iterator[T]:
+    """`items`, ending with QueryCancelled once the call is cancelled or past its deadline.
+
+    An answer of millions of buckets is built in Python, where nothing else would notice
+    that its client has gone: it would keep a core busy and a shutdown waiting.
+    """
+    for n, item in enumerate(items):
+        if n % _CHECK_EVERY == 0:
+            remaining = context.time_remaining()
+            if not context.is_active() or (remaining is not None and remaining <= 0):
+                raise QueryCancelled("the call ended before its answer did")
+        yield item
 
 
 class StreamLimiter:

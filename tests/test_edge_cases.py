@@ -5,12 +5,23 @@ Never UNKNOWN or INTERNAL: a request is answered, or refused with a code that sa
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
+
 import grpc
 import pytest
 from conftest import ASSET, RunningService
 from google.protobuf.timestamp_pb2 import Timestamp
+from test_service import start_service, upstream  # noqa: F401 (fixtures)
 
 import edgecom
+from repository import Repository
 
 TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
 MIN_S = -62_135_596_800  # 0001-01-01T00:00:00Z
@@ -147,3 +158,185 @@ def test_an_unknown_asset_among_thousands_configured_is_not_found(repository):
         assert codes(running, request(asset_id="nope")) == (grpc.StatusCode.NOT_FOUND,) * 2
     finally:
         running.close()
+
+
+# --- ranges of millennia ----------------------------------------------------------------------
+
+FILLS = ("none", "zero", "previous", "linear", "nan")
+BOUNDED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+DEADLINE_S = 2.0
+
+
+def one_day_of_quarter_hours() -> list[tuple[int, float]]:
+    return [(YEAR_2024 + i * 900, float(i % 7)) for i in range(96)]
+
+
+@contextmanager
+def two_worker_server(repository: Repository) -> Iterator[edgecom.services.TimeSeriesServiceStub]:
+    """A server with two worker threads: two calls that never end leave none for anyone else."""
+    servicer = edgecom.TimeSeriesServicer(
+        repository=repository, assets=(ASSET,), max_points=100_000
+    )
+    server, port = edgecom.create_server(
+        address="127.0.0.1:0",
+        servicer=servicer,
+        health_servicer=edgecom.health.HealthServicer(),
+        max_workers=2,
+    )
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0).wait()
+
+
+def ending(call) -> tuple[grpc.StatusCode, float]:
+    """The status a call ends with and the seconds it took."""
+    began = time.monotonic()
+    try:
+        call()
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        code = exc.code()
+    return code, time.monotonic() - began
+
+
+@pytest.mark.parametrize("zone", ["", "Europe/Berlin"])
+@pytest.mark.parametrize("fill", FILLS)
+def test_a_minute_fill_over_all_of_time_ends_by_its_deadline_while_others_are_answered(
+    repository, fill, zone
+):
+    repository.upsert_points(ASSET, one_day_of_quarter_hours())
+    hostile = request(MIN_S, MAX_S, window="1m", fill=fill, timezone=zone)
+    small = request(YEAR_2024, YEAR_2024 + DAY)
+    with (
+        two_worker_server(repository) as address,
+        grpc.insecure_channel(address) as channel,
+        grpc.insecure_channel(address) as other_channel,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        stub = edgecom.services.TimeSeriesServiceStub(channel)
+        other = edgecom.services.TimeSeriesServiceStub(other_channel)
+        calls = [
+            pool.submit(ending, lambda: stub.QueryTimeSeries(hostile, timeout=DEADLINE_S)),
+            pool.submit(ending, lambda: list(stub.StreamTimeSeries(hostile, timeout=DEADLINE_S))),
+        ]
+        # Both workers may be busy until the hostile calls' deadline, not longer.
+        answered = [len(other.QueryTimeSeries(small, timeout=DEADLINE_S + 3).data)]
+        while not all(call.done() for call in calls):
+            answered.append(len(other.QueryTimeSeries(small, timeout=DEADLINE_S + 3).data))
+        answered.append(len(other.QueryTimeSeries(small, timeout=DEADLINE_S).data))
+        ends = [call.result() for call in calls]
+    assert set(answered) == {24}
+    for code, seconds in ends:
+        assert code in BOUNDED and seconds < DEADLINE_S + 1, (code, seconds)
+
+
+def test_local_days_between_points_millennia_apart_end_by_the_deadline(repository):
+    # Points at both ends of the calendar (stored before points were checked on the way in)
+    # lay millions of local days between them, all to be laid out before the database is asked.
+    repository.upsert_points(ASSET, [(MIN_S + DAY, 1.0), (MAX_S - DAY, 2.0)])
+    hostile = request(MIN_S, MAX_S, window="1d", timezone="Europe/Berlin")
+    small = request(YEAR_2024, YEAR_2024 + DAY)
+    with (
+        two_worker_server(repository) as address,
+        grpc.insecure_channel(address) as channel,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        stub = edgecom.services.TimeSeriesServiceStub(channel)
+        calls = [
+            pool.submit(ending, lambda: stub.QueryTimeSeries(hostile, timeout=DEADLINE_S)),
+            pool.submit(ending, lambda: list(stub.StreamTimeSeries(hostile, timeout=DEADLINE_S))),
+        ]
+        ends = [call.result() for call in calls]
+        assert stub.QueryTimeSeries(small, timeout=DEADLINE_S).data == []
+    for code, seconds in ends:
+        assert code in BOUNDED and seconds < DEADLINE_S + 1, (code, seconds)
+
+
+def test_sigterm_during_fills_over_all_of_time_exits_within_the_grace_period(
+    start_service,  # noqa: F811 (the fixture imported above)
+    repository,
+):
+    repository.upsert_points(ASSET, one_day_of_quarter_hours())
+    grace_s = 2
+    service = start_service(EDGECOM_SERVER_GRACE_PERIOD=f"{grace_s}s")
+    service.wait_serving()
+    stub = service.stub()
+    # No deadlines: only the shutdown can end them.
+    reqs = [
+        request(MIN_S, MAX_S, window="1m", fill=fill, timezone=zone)
+        for fill in ("previous", "linear", "zero")
+        for zone in ("", "Europe/Berlin")
+    ]
+    calls = [stub.QueryTimeSeries.future(req) for req in reqs]
+    for req in reqs:
+        threading.Thread(
+            target=lambda r=req: ending(lambda: list(stub.StreamTimeSeries(r))), daemon=True
+        ).start()
+    time.sleep(1)
+    began = time.monotonic()
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(grace_s + 10) == 0, service.log_text()
+    assert time.monotonic() - began < grace_s + 5
+    assert all(call.done() for call in calls)
+
+
+# --- the limits of the calendar ------------------------------------------------------------------
+
+
+def local_midnight(day: date, zone: str) -> int:
+    """Unix seconds of local midnight on `day`, without datetime outside years 1 to 9999."""
+    naive = datetime(day.year, day.month, day.day)
+    offset = ZoneInfo(zone).utcoffset(naive)
+    return int((naive - datetime(1970, 1, 1) - offset).total_seconds())
+
+
+LAST_DAY = date(9999, 12, 31)  # a Friday
+FIRST_DAY = date(1, 1, 1)  # a Monday
+CALENDAR_END = {
+    "1mo": date(9999, 12, 1),
+    "12mo": date(9999, 1, 1),
+    "1w": date(9999, 12, 27),
+    "1d": LAST_DAY,
+}
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York"])
+@pytest.mark.parametrize("window", CALENDAR_END)
+def test_ranges_ending_at_the_last_second_of_year_9999_are_answered(service, window, zone):
+    point_s = MAX_S - 12 * 3600  # 9999-12-31T11:59:59Z: that day in each of these zones
+    service.repository.upsert_points(ASSET, [(point_s, 7.0)])
+    req = request(MAX_S - 40 * DAY, MAX_S, window=window, timezone=zone, fill="zero")
+    answer = service.stub.QueryTimeSeries(req, timeout=30).data
+    streamed = [p for page in service.stub.StreamTimeSeries(req, timeout=30) for p in page.data]
+    assert answer and list(answer) == streamed
+    last = answer[-1]
+    assert (last.time.seconds, last.value, last.count) == (
+        local_midnight(CALENDAR_END[window], zone),
+        7.0,
+        1,
+    )
+    assert [p.time.seconds for p in answer] == sorted({p.time.seconds for p in answer})
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York"])
+@pytest.mark.parametrize("window", ["1d", "1w", "1mo", "12mo", "1h"])
+def test_ranges_starting_at_the_first_second_of_year_1_are_answered(service, window, zone):
+    point_s = MIN_S + 12 * 3600  # 0001-01-01T12:00:00Z: that day in each of these zones
+    service.repository.upsert_points(ASSET, [(point_s, 7.0)])
+    req = request(MIN_S, MIN_S + 40 * DAY, window=window, timezone=zone)
+    answer = service.stub.QueryTimeSeries(req, timeout=30).data
+    streamed = [p for page in service.stub.StreamTimeSeries(req, timeout=30) for p in page.data]
+    assert list(answer) == streamed
+    [point] = answer
+    # East of Greenwich, year 1 begins locally before it does in UTC: that first bucket
+    # starts at the first second a Timestamp can hold.
+    expected = max(MIN_S, local_midnight(FIRST_DAY, zone))
+    if window == "1h":
+        expected += (point_s - expected) // 3600 * 3600
+    assert (point.time.seconds, point.value, point.count) == (expected, 7.0, 1)

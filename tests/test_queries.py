@@ -482,6 +482,21 @@ def test_fill_never_goes_past_the_last_point_when_end_is_ahead(service, fill):
     assert query(service, now + DAY, now + 2 * DAY, "1h", "AVG", fill=fill) == []
 
 
+@pytest.mark.parametrize("zone", ["", "Europe/Berlin"])
+def test_fill_answers_the_bucket_holding_start_and_the_last_point_when_end_is_ahead(service, zone):
+    now = int(time.time())
+    last_s = now // 300 * 300 - HOUR  # 16:30, say
+    service.repository.upsert_points(ASSET, [(last_s - 300, 1.0), (last_s, 2.0)])
+    start_s, end_s = last_s + 295, now + 365 * DAY  # 16:34:55, next year
+    for fill, value in (("previous", 2.0), ("zero", 0.0)):
+        args = (start_s, end_s, "5m", "LAST")
+        expected = [(last_s, value, 0)]
+        assert query(service, *args, fill=fill, timezone=zone) == expected
+        assert stream(service, *args, fill=fill, timezone=zone)[0] == expected
+    # The bucket holding start holds no stored point: nothing to answer.
+    assert query(service, last_s + 300, end_s, "5m", "LAST", fill="previous") == []
+
+
 def test_filled_buckets_count_towards_max_points(repository):
     running = RunningService(repository, assets=(ASSET,), max_points=10)
     try:
