@@ -164,6 +164,15 @@ def _is_open(method: str) -> bool:
     return method.startswith(OPEN_METHOD_PREFIXES)
 
 
+def _when_call_ends(context: grpc.ServicerContext, callback: Callable[[], None]) -> None:
+    """Run callback once grpcio has sent the call's status; at once if it already has.
+
+    The call ends then, not when the handler returns: a large answer may still be in flight.
+    """
+    if not context.add_callback(callback):
+        callback()
+
+
 class RequestLogInterceptor(_WrappingInterceptor):
     """Give each call a request id, return it in the trailers and log one line when it ends.
 
@@ -311,6 +320,38 @@ def client_key(client_id: str | None, peer: str) -> str:
         host = address.rpartition(":")[0] if "]" in address else address
         return host.strip("[]")
     return peer
+
+
+class OpenStreamLimitInterceptor(_WrappingInterceptor):
+    """Run at most max_streams health Watch and reflection streams at once.
+
+    These methods need no credentials and are not rate limited, and each open stream holds a
+    worker thread until the client leaves: without a bound, one client could take every worker
+    and leave queries waiting. A stream counts until it ends; one more is refused
+    RESOURCE_EXHAUSTED at once.
+    """
+
+    def __init__(self, max_streams: int) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be at least 1, got {max_streams}")
+        self.max_streams = max_streams
+        self._slots = threading.BoundedSemaphore(max_streams)
+
+    def _applies_to(self, method: str, handler: grpc.RpcMethodHandler) -> bool:
+        return _is_open(method) and handler.response_streaming
+
+    def _around(
+        self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
+    ) -> Iterator[Any]:
+        if not self._slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many open streams: at most {self.max_streams} health Watch and "
+                "reflection streams run at once (server.max_open_streams); close one, "
+                "or poll health with Check",
+            )
+        _when_call_ends(context, self._slots.release)
+        yield from proceed()
 
 
 class RateLimitInterceptor(_WrappingInterceptor):
@@ -603,10 +644,9 @@ class DrainInterceptor(_WrappingInterceptor):
     def _around(
         self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
     ) -> Iterator[Any]:
-        # The call ends when grpcio has sent its status, not when the handler returns: a large
-        # answer is still being sent then, and stopping the server would cancel it.
-        if not context.add_callback(self._call_ended):
-            self._call_ended()
+        # Counted until the answer is sent, not until the handler returns: stopping the server
+        # while a large answer is still being sent would cancel it.
+        _when_call_ends(context, self._call_ended)
         yield from proceed()
 
     def _call_ended(self) -> None:
