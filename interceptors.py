@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,13 @@ def _wrap(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandl
         wrapped,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
+    )
+
+
+def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """Return the one behavior function of a handler, whatever its kind."""
+    return (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
 
 
@@ -603,12 +611,13 @@ def _entry_bytes(data: bytes) -> int:
     return len(data) + ENTRY_OVERHEAD_BYTES
 
 
-class DrainInterceptor(_WrappingInterceptor):
+class DrainInterceptor(grpc.ServerInterceptor):
     """Counts the calls in flight, so that shutdown can end as soon as the last one is done.
 
     A call counts from its arrival, before it waits for a worker thread, until grpcio has
-    sent its status. Health Watch streams are left out: they last until the client leaves,
-    and would otherwise hold every shutdown for the whole grace period.
+    sent its status, or until grpcio drops it without running it (a call refused for the
+    server's maximum_concurrent_rpcs). Health Watch streams are left out: they last until
+    the client leaves, and would otherwise hold every shutdown for the whole grace period.
     """
 
     def __init__(self) -> None:
@@ -620,12 +629,31 @@ class DrainInterceptor(_WrappingInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = super().intercept_service(continuation, handler_call_details)
-        if handler is not None and self._applies_to(handler_call_details.method, handler):
-            # Counted here, on arrival: a call queued for a busy worker is in flight too.
-            with self._idle:
-                self._active += 1
-        return handler
+        handler = continuation(handler_call_details)
+        if handler is None or not self._applies_to(handler_call_details.method, handler):
+            return handler
+        started = threading.Event()
+
+        def around(request: Any, context: grpc.ServicerContext, proceed: Proceed) -> Iterator[Any]:
+            started.set()
+            # Counted until the answer is sent, not until the handler returns: stopping the
+            # server while a large answer is still being sent would cancel it.
+            _when_call_ends(context, self._call_ended)
+            yield from proceed()
+
+        def dropped() -> None:
+            if not started.is_set():
+                self._call_ended()
+
+        # Counted here, on arrival: a call queued for a busy worker is in flight too.
+        with self._idle:
+            self._active += 1
+        wrapped = _wrap(handler, around)
+        # grpcio refuses a call beyond maximum_concurrent_rpcs after the interceptors have
+        # seen it, and drops its handler unrun: no status callback will ever end its count.
+        # The handler's behavior lives until grpcio has run it, or dropped it unrun.
+        weakref.finalize(_behavior(wrapped), dropped)
+        return wrapped
 
     @property
     def active(self) -> int:
@@ -640,14 +668,6 @@ class DrainInterceptor(_WrappingInterceptor):
 
     def _applies_to(self, method: str, handler: grpc.RpcMethodHandler) -> bool:
         return method != HEALTH_WATCH_METHOD
-
-    def _around(
-        self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
-    ) -> Iterator[Any]:
-        # Counted until the answer is sent, not until the handler returns: stopping the server
-        # while a large answer is still being sent would cancel it.
-        _when_call_ends(context, self._call_ended)
-        yield from proceed()
 
     def _call_ended(self) -> None:
         with self._idle:

@@ -945,3 +945,27 @@ def test_a_call_counts_as_in_flight_until_its_answer_is_sent() -> None:
         assert drain.wait_idle(20)
         server.stop(0).wait()
         assert len(call.result().data) == len(big.data)
+
+
+def test_a_call_refused_for_the_concurrency_bound_is_not_left_in_flight() -> None:
+    # grpcio refuses calls beyond maximum_concurrent_rpcs after the interceptors have seen
+    # them, without running their handler: counted forever, one would hold every later
+    # shutdown for the whole grace period.
+    drain, servicer = DrainInterceptor(), _Servicer()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=1), interceptors=(drain,), maximum_concurrent_rpcs=1
+    )
+    services.add_TimeSeriesServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = _Client(channel, port)
+            blocked = client.stub.QueryTimeSeries.future(_request("block"), timeout=10)
+            assert servicer.entered.wait(10)
+            assert _error(client.query).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            servicer.release.set()
+            assert len(blocked.result().data) == POINTS_PER_RESPONSE
+            assert drain.wait_idle(5), f"{drain.active} calls left in flight"
+    finally:
+        server.stop(0).wait()
