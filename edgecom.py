@@ -44,6 +44,7 @@ from interceptors import (
     CacheKey,
     DrainInterceptor,
     MetricsInterceptor,
+    OpenStreamLimitInterceptor,
     QueryCache,
     RateLimitInterceptor,
     RequestLogInterceptor,
@@ -107,6 +108,12 @@ class ServerConfig:
     max_workers: int = 16
     grace_period: float = _duration(10.0)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    # Each open health Watch or reflection stream holds a worker until the client leaves:
+    # together with query.max_streams fewer than max_workers, so unary calls keep workers.
+    max_open_streams: int = 4
+    # Calls running or waiting for a worker; beyond it grpcio refuses calls instead of
+    # queueing them without bound.
+    max_concurrent_rpcs: int = 100
 
 
 @dataclass(frozen=True)
@@ -360,6 +367,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}: expected a port number 0-65535, got {value}")
     positive = {
         "server.max_workers": config.server.max_workers,
+        "server.max_open_streams": config.server.max_open_streams,
         "upstream.concurrency": config.upstream.concurrency,
         "upstream.chunk": config.upstream.chunk,
         "upstream.poll_interval": config.upstream.poll_interval,
@@ -397,6 +405,19 @@ def _validate(config: Config) -> None:
             f"query.max_streams: must be less than database.max_connections "
             f"({config.database.max_connections}), so that queries keep a connection while "
             f"streams are open, got {config.query.max_streams}"
+        )
+    held_workers = config.server.max_open_streams + config.query.max_streams
+    if held_workers >= config.server.max_workers:
+        raise ConfigError(
+            f"server.max_open_streams: together with query.max_streams "
+            f"({config.query.max_streams}) must be less than server.max_workers "
+            f"({config.server.max_workers}), so that unary calls keep a worker while streams "
+            f"are open, got {config.server.max_open_streams}"
+        )
+    if config.server.max_concurrent_rpcs < config.server.max_workers:
+        raise ConfigError(
+            f"server.max_concurrent_rpcs: must be at least server.max_workers "
+            f"({config.server.max_workers}), got {config.server.max_concurrent_rpcs}"
         )
     if config.upstream.retry_max_backoff < BACKOFF_INITIAL_S:
         raise ConfigError(
@@ -1042,11 +1063,17 @@ def create_server(
     max_workers: int = 16,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    max_concurrent_rpcs: int | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Build a gRPC server bound to `address`, not yet started; returns it and its port."""
+    """Build a gRPC server bound to `address`, not yet started; returns it and its port.
+
+    Beyond max_concurrent_rpcs calls running or waiting for a worker (None: no bound),
+    grpcio refuses new calls RESOURCE_EXHAUSTED at once.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=tuple(interceptors),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     services.add_TimeSeriesServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -1465,6 +1492,9 @@ def build_interceptors(
         drain or DrainInterceptor(),
         RequestLogInterceptor(),
         MetricsInterceptor(metrics),
+        # Open streams bypass the rate limit and authentication: bounded here, before they
+        # settle on a worker, and inside the log and metrics, so that refusals are seen there.
+        OpenStreamLimitInterceptor(config.server.max_open_streams),
         # Before authentication, so that every call takes a token: wrong token guesses are
         # limited like any other call.
         RateLimitInterceptor(
@@ -1590,6 +1620,7 @@ def run(
             servicer=servicer,
             health_servicer=health_servicer,
             max_workers=config.server.max_workers,
+            max_concurrent_rpcs=config.server.max_concurrent_rpcs,
             interceptors=build_interceptors(
                 config,
                 metrics=metrics,

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,13 @@ def _wrap(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandl
     )
 
 
+def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """Return the one behavior function of a handler, whatever its kind."""
+    return (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+
+
 class _WrappingInterceptor(grpc.ServerInterceptor):
     """Base of the interceptors below: wraps each handler they apply to with their _around()."""
 
@@ -162,6 +170,15 @@ def _metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
 
 def _is_open(method: str) -> bool:
     return method.startswith(OPEN_METHOD_PREFIXES)
+
+
+def _when_call_ends(context: grpc.ServicerContext, callback: Callable[[], None]) -> None:
+    """Run callback once grpcio has sent the call's status; at once if it already has.
+
+    The call ends then, not when the handler returns: a large answer may still be in flight.
+    """
+    if not context.add_callback(callback):
+        callback()
 
 
 class RequestLogInterceptor(_WrappingInterceptor):
@@ -311,6 +328,38 @@ def client_key(client_id: str | None, peer: str) -> str:
         host = address.rpartition(":")[0] if "]" in address else address
         return host.strip("[]")
     return peer
+
+
+class OpenStreamLimitInterceptor(_WrappingInterceptor):
+    """Run at most max_streams health Watch and reflection streams at once.
+
+    These methods need no credentials and are not rate limited, and each open stream holds a
+    worker thread until the client leaves: without a bound, one client could take every worker
+    and leave queries waiting. A stream counts until it ends; one more is refused
+    RESOURCE_EXHAUSTED at once.
+    """
+
+    def __init__(self, max_streams: int) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be at least 1, got {max_streams}")
+        self.max_streams = max_streams
+        self._slots = threading.BoundedSemaphore(max_streams)
+
+    def _applies_to(self, method: str, handler: grpc.RpcMethodHandler) -> bool:
+        return _is_open(method) and handler.response_streaming
+
+    def _around(
+        self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
+    ) -> Iterator[Any]:
+        if not self._slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many open streams: at most {self.max_streams} health Watch and "
+                "reflection streams run at once (server.max_open_streams); close one, "
+                "or poll health with Check",
+            )
+        _when_call_ends(context, self._slots.release)
+        yield from proceed()
 
 
 class RateLimitInterceptor(_WrappingInterceptor):
@@ -562,12 +611,13 @@ def _entry_bytes(data: bytes) -> int:
     return len(data) + ENTRY_OVERHEAD_BYTES
 
 
-class DrainInterceptor(_WrappingInterceptor):
+class DrainInterceptor(grpc.ServerInterceptor):
     """Counts the calls in flight, so that shutdown can end as soon as the last one is done.
 
     A call counts from its arrival, before it waits for a worker thread, until grpcio has
-    sent its status. Health Watch streams are left out: they last until the client leaves,
-    and would otherwise hold every shutdown for the whole grace period.
+    sent its status, or until grpcio drops it without running it (a call refused for the
+    server's maximum_concurrent_rpcs). Health Watch streams are left out: they last until
+    the client leaves, and would otherwise hold every shutdown for the whole grace period.
     """
 
     def __init__(self) -> None:
@@ -579,12 +629,31 @@ class DrainInterceptor(_WrappingInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = super().intercept_service(continuation, handler_call_details)
-        if handler is not None and self._applies_to(handler_call_details.method, handler):
-            # Counted here, on arrival: a call queued for a busy worker is in flight too.
-            with self._idle:
-                self._active += 1
-        return handler
+        handler = continuation(handler_call_details)
+        if handler is None or not self._applies_to(handler_call_details.method, handler):
+            return handler
+        started = threading.Event()
+
+        def around(request: Any, context: grpc.ServicerContext, proceed: Proceed) -> Iterator[Any]:
+            started.set()
+            # Counted until the answer is sent, not until the handler returns: stopping the
+            # server while a large answer is still being sent would cancel it.
+            _when_call_ends(context, self._call_ended)
+            yield from proceed()
+
+        def dropped() -> None:
+            if not started.is_set():
+                self._call_ended()
+
+        # Counted here, on arrival: a call queued for a busy worker is in flight too.
+        with self._idle:
+            self._active += 1
+        wrapped = _wrap(handler, around)
+        # grpcio refuses a call beyond maximum_concurrent_rpcs after the interceptors have
+        # seen it, and drops its handler unrun: no status callback will ever end its count.
+        # The handler's behavior lives until grpcio has run it, or dropped it unrun.
+        weakref.finalize(_behavior(wrapped), dropped)
+        return wrapped
 
     @property
     def active(self) -> int:
@@ -599,15 +668,6 @@ class DrainInterceptor(_WrappingInterceptor):
 
     def _applies_to(self, method: str, handler: grpc.RpcMethodHandler) -> bool:
         return method != HEALTH_WATCH_METHOD
-
-    def _around(
-        self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
-    ) -> Iterator[Any]:
-        # The call ends when grpcio has sent its status, not when the handler returns: a large
-        # answer is still being sent then, and stopping the server would cancel it.
-        if not context.add_callback(self._call_ended):
-            self._call_ended()
-        yield from proceed()
 
     def _call_ended(self) -> None:
         with self._idle:

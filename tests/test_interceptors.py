@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import wait_for
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +32,7 @@ from interceptors import (
     CallInfo,
     DrainInterceptor,
     MetricsInterceptor,
+    OpenStreamLimitInterceptor,
     QueryCache,
     RateLimitInterceptor,
     RequestLogInterceptor,
@@ -789,6 +791,37 @@ def test_stream_runs_on_one_thread_with_the_call_info_and_sums_points(
     )
 
 
+# Open streams
+
+
+def test_open_streams_beyond_the_bound_are_refused_until_one_ends() -> None:
+    with _serve([OpenStreamLimitInterceptor(max_streams=2)]) as client:
+        watches = [
+            client.health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2)
+        ]
+        assert [next(watch).status for watch in watches] == [
+            health_pb2.HealthCheckResponse.SERVING
+        ] * 2
+        refused = _error(lambda: next(client.health.Watch(health_pb2.HealthCheckRequest())))
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at most 2" in refused.details() and "server.max_open_streams" in refused.details()
+        assert _error(client.list_services).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Unary health checks and other methods hold no slot.
+        assert client.check_health() == health_pb2.HealthCheckResponse.SERVING
+        assert len(client.query().data) == POINTS_PER_RESPONSE
+        # A stream the client leaves frees its slot.
+        watches[0].cancel()
+        assert wait_for(lambda: _list_services_or_none(client) is not None)
+        assert "grpc.health.v1.Health" in client.list_services()
+
+
+def _list_services_or_none(client: _Client) -> list[str] | None:
+    try:
+        return client.list_services()
+    except grpc.RpcError:
+        return None
+
+
 # Order
 
 
@@ -912,3 +945,27 @@ def test_a_call_counts_as_in_flight_until_its_answer_is_sent() -> None:
         assert drain.wait_idle(20)
         server.stop(0).wait()
         assert len(call.result().data) == len(big.data)
+
+
+def test_a_call_refused_for_the_concurrency_bound_is_not_left_in_flight() -> None:
+    # grpcio refuses calls beyond maximum_concurrent_rpcs after the interceptors have seen
+    # them, without running their handler: counted forever, one would hold every later
+    # shutdown for the whole grace period.
+    drain, servicer = DrainInterceptor(), _Servicer()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=1), interceptors=(drain,), maximum_concurrent_rpcs=1
+    )
+    services.add_TimeSeriesServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = _Client(channel, port)
+            blocked = client.stub.QueryTimeSeries.future(_request("block"), timeout=10)
+            assert servicer.entered.wait(10)
+            assert _error(client.query).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            servicer.release.set()
+            assert len(blocked.result().data) == POINTS_PER_RESPONSE
+            assert drain.wait_idle(5), f"{drain.active} calls left in flight"
+    finally:
+        server.stop(0).wait()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import psycopg
 import pytest
 from conftest import ASSET, ROOT, RunningService, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from test_edgecom import free_port, points_of, request, status_of
 from test_repository import DAY, T0
@@ -901,3 +903,79 @@ def test_service_memory_stays_flat_under_many_distinct_large_answers(start_servi
     assert growth < 12 * 2**20, (
         f"RSS grew {growth / 2**20:.0f} MiB over {distinct - warm_up} answers"
     )
+
+
+# --- limits: worker threads and queued calls ---------------------------------------------------
+
+
+def first_reply(stream: Any) -> grpc.StatusCode:
+    """OK when the stream answers, else the code it ends with."""
+    try:
+        next(stream)
+        return OK
+    except grpc.RpcError as error:
+        return error.code()
+
+
+def open_reflection_stream(channel: grpc.Channel, until: threading.Event) -> Any:
+    """A reflection stream that asks once and then keeps its request side open until `until`."""
+
+    def requests() -> Iterator[Any]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        until.wait()
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    return stub.ServerReflectionInfo(requests(), timeout=60)
+
+
+def test_open_health_and_reflection_streams_leave_workers_for_queries(start_service, repository):
+    repository.upsert_points(ASSET, [(T0, 1.0)])
+    service = start_service(
+        EDGECOM_SERVER_MAX_WORKERS="4",
+        EDGECOM_SERVER_MAX_OPEN_STREAMS="2",
+        EDGECOM_QUERY_MAX_STREAMS="1",
+    )
+    service.wait_serving()
+    # One client opens more never-ending streams than there are workers and never closes them.
+    hog, done = service.channel(), threading.Event()
+    try:
+        health_stub = health_pb2_grpc.HealthStub(hog)
+        watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(6)]
+        reflections = [open_reflection_stream(hog, done) for _ in range(6)]
+        # Another client still gets its answer, well within a short deadline.
+        answer = service.stub().QueryTimeSeries(request(T0, T0 + DAY, "1d", "AVG"), timeout=2)
+        assert points_of(answer) == [(T0, 1.0)]
+        codes = [first_reply(stream) for stream in (*watches, *reflections)]
+        assert sorted(codes, key=lambda code: code.name) == [OK] * 2 + [REFUSED] * 10
+        _, details = status_of(lambda: next(health_stub.Watch(health_pb2.HealthCheckRequest())))
+        assert "server.max_open_streams" in details
+    finally:
+        done.set()
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_instead_of_queued(
+    start_service, repository, dsn
+):
+    repository.upsert_points(ASSET, [(T0, 1.0)])
+    service = start_service(
+        EDGECOM_SERVER_MAX_WORKERS="3",
+        EDGECOM_SERVER_MAX_OPEN_STREAMS="1",
+        EDGECOM_QUERY_MAX_STREAMS="1",
+        EDGECOM_SERVER_MAX_CONCURRENT_RPCS="4",
+    )
+    service.wait_serving()
+    stub = service.stub()
+    query = request(T0, T0 + DAY, "1d", "AVG")
+    blocker = lock_points(dsn)
+    try:
+        # Three queries take every worker and wait for the lock; a fourth waits for a worker.
+        running = [stub.QueryTimeSeries.future(query, timeout=30) for _ in range(3)]
+        assert wait_for(lambda: bucket_queries_waiting_for_a_lock(dsn) == 3)
+        queued = stub.QueryTimeSeries.future(query, timeout=30)
+        code, _ = status_of(lambda: stub.QueryTimeSeries(query, timeout=3))
+        assert code == REFUSED
+        assert not queued.done()
+    finally:
+        blocker.close()
+    for call in (*running, queued):
+        assert points_of(call.result()) == [(T0, 1.0)]
