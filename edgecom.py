@@ -499,7 +499,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 # --- queries -------------------------------------------------------------------------------
 
 
-_WINDOW_RE = re.compile(r"^([1-9][0-9]*)(mo|[mhdw])$")
+# Six digits hold the largest valid count (527040m is 366d); more would only feed int() numbers
+# past its digit limit, which raises ValueError rather than refusing the window.
+_WINDOW_RE = re.compile(r"^([1-9][0-9]{0,5})(mo|[mhdw])$")
 _WINDOW_UNITS = {"m": 60, "h": 3600, "d": 86400}
 ACCEPTED_WINDOWS = (
     '"1m", "5m", "15m", "1h", "1d", "1w" (weeks from Monday), "1mo" (calendar months), '
@@ -550,6 +552,9 @@ class TooManyPoints(Exception):
 _SHOWN_CHARS = 64
 _SHOWN_ASSETS = 5
 _MAX_DETAILS_CHARS = 2000
+# The longest window, aggregation, timezone or fill the parsers look at; every valid value
+# is far shorter (the longest IANA zone name has 32 characters).
+MAX_FIELD_CHARS = 256
 
 
 def _shown(value: str) -> str:
@@ -557,6 +562,14 @@ def _shown(value: str) -> str:
     if len(value) <= _SHOWN_CHARS:
         return repr(value)
     return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
+
+
+def _check_length(name: str, value: str) -> None:
+    if len(value) > MAX_FIELD_CHARS:
+        raise InvalidRequest(
+            f"{name} {_shown(value)} is longer than {MAX_FIELD_CHARS} characters: "
+            f"no valid {name} is"
+        )
 
 
 def _known_assets(assets: Sequence[str]) -> str:
@@ -567,6 +580,7 @@ def _known_assets(assets: Sequence[str]) -> str:
 
 def parse_bucket_window(window: str) -> Window:
     """Parse `5m`, `1h`, `1d`, `1w`, `1mo` and their multiples into a Window."""
+    _check_length("window", window)
     match = _WINDOW_RE.match(window.strip().lower())
     if match:
         count, unit = int(match.group(1)), match.group(2)
@@ -592,6 +606,7 @@ def parse_window(window: str) -> int:
 
 def parse_aggregation(aggregation: str) -> str:
     """Return the canonical (upper-case) aggregation name."""
+    _check_length("aggregation", aggregation)
     name = aggregation.strip().upper()
     if name not in AGGREGATIONS:
         raise InvalidRequest(
@@ -605,6 +620,7 @@ def parse_timezone(name: str) -> tuple[str, tzinfo]:
 
     Every name of UTC becomes "UTC". Names are case-sensitive, as in the IANA database.
     """
+    _check_length("timezone", name)
     name = name.strip()
     if name in _UTC_NAMES:
         return "UTC", UTC
@@ -621,6 +637,7 @@ def parse_timezone(name: str) -> tuple[str, tzinfo]:
 
 def parse_fill(fill: str) -> str:
     """Return the canonical (lower-case) fill mode; empty is "none"."""
+    _check_length("fill", fill)
     name = fill.strip().lower() or "none"
     if name not in FILLS:
         raise InvalidRequest(f"unknown fill {_shown(fill)}: use one of {', '.join(FILLS)}")
@@ -1055,6 +1072,97 @@ def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
 # --- server --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """Request bytes that are not a valid message of the method's request type."""
+
+    error: str
+
+
+def _total(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A deserializer that returns _Undecodable instead of raising."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            # Whatever the bytes make a decoder raise, the client chose them.
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return decode
+
+
+def _decoded(request: Any, context: grpc.ServicerContext) -> Any:
+    """Return the request, or abort the call with INVALID_ARGUMENT if it did not decode."""
+    if isinstance(request, _Undecodable):
+        log.debug("request does not decode: %s", request.error)
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request does not decode ({request.error[: _SHOWN_CHARS * 4]}): send a "
+            "serialized protobuf message of the method's request type, strings in UTF-8",
+        )
+    return request
+
+
+def _decoding(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    """The handler with a deserializer that never raises; its behavior refuses what did not
+    decode. grpcio answers a raising deserializer with INTERNAL and an ERROR traceback per call.
+
+    Interceptors between see an _Undecodable request and pass it on; the call ends here.
+    """
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    if handler.request_streaming and handler.response_streaming:
+        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+    if handler.request_streaming:
+
+        def refusing(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behavior((_decoded(request, context) for request in requests), context)
+
+    else:
+
+        def refusing(request: Any, context: grpc.ServicerContext) -> Any:
+            return behavior(_decoded(request, context), context)
+
+    return make(
+        refusing,
+        request_deserializer=_total(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _DecodingGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, handler: grpc.GenericRpcHandler) -> None:
+        self._handler = handler
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        return _decoding(self._handler.service(handler_call_details))
+
+
+class _DecodingRegistrar:
+    """Stands in for the server in the generated add_*_to_server functions, so that every
+    handler they register decodes requests with _decoding."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(map(_DecodingGenericHandler, handlers)))
+
+    def add_registered_method_handlers(
+        self, service_name: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrapped = {name: _decoding(handler) for name, handler in handlers.items()}
+        self._server.add_registered_method_handlers(service_name, wrapped)
+
+
 def create_server(
     *,
     address: str,
@@ -1075,14 +1183,15 @@ def create_server(
         interceptors=tuple(interceptors),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    services.add_TimeSeriesServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    registrar: Any = _DecodingRegistrar(server)
+    services.add_TimeSeriesServiceServicer_to_server(servicer, registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     service_names = (
         protos.DESCRIPTOR.services_by_name["TimeSeriesService"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(service_names, server)
+    reflection.enable_server_reflection(service_names, registrar)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)

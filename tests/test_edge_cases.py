@@ -340,3 +340,56 @@ def test_ranges_starting_at_the_first_second_of_year_1_are_answered(service, win
     if window == "1h":
         expected += (point_s - expected) // 3600 * 3600
     assert (point.time.seconds, point.value, point.count) == (expected, 7.0, 1)
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        "1" * 4301 + "m",  # past Python's int() digit limit
+        "0" * 5000 + "1h",
+        "1" + "0" * 10_000 + "mo",
+    ],
+)
+def test_a_window_of_thousands_of_digits_is_invalid_argument(service, window):
+    assert codes(service, request(window=window)) == (INVALID, INVALID)
+
+
+# Bytes that are no protobuf message, or whose field 3 (TimeSeriesRequest's window, and a
+# string in a reflection request too) is not UTF-8. Other request types skip an unknown field 3.
+UNDECODABLE = {
+    "bad tag": (b"\xff\xff\xff\xff", True),
+    "truncated field": (b"\x0a\x05\x08", True),
+    "window not UTF-8": (b"\x1a\x01\xff", False),
+    "window a UTF-8 surrogate": (b"\x1a\x03" + "\ud800".encode("utf-8", "surrogatepass"), False),
+}
+REFLECTION_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+def raw_code(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        assert "decode" in exc.details(), exc.details()
+        return exc.code()
+    return OK
+
+
+@pytest.mark.parametrize("case", UNDECODABLE)
+def test_request_bytes_that_do_not_decode_are_invalid_argument_without_traceback(
+    service, caplog, case
+):
+    data, every_method = UNDECODABLE[case]
+    # No serializers: the bytes go on the wire as they are.
+    channel = service.channel
+    unary = ["/edgecom.TimeSeriesService/QueryTimeSeries"]
+    if every_method:
+        unary += ["/edgecom.TimeSeriesService/ListAssets", "/grpc.health.v1.Health/Check"]
+    stream = channel.unary_stream("/edgecom.TimeSeriesService/StreamTimeSeries")
+    reflection = channel.stream_stream(REFLECTION_METHOD)
+    calls = [lambda m=m: channel.unary_unary(m)(data, timeout=10) for m in unary]
+    calls.append(lambda: list(stream(data, timeout=10)))
+    calls.append(lambda: list(reflection(iter([data]), timeout=10)))
+    with caplog.at_level("DEBUG"):
+        assert [raw_code(call) for call in calls] == [INVALID] * len(calls)
+    noisy = [r for r in caplog.records if r.exc_info or r.levelno >= 30]
+    assert not noisy, [r.getMessage() for r in noisy]
