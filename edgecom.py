@@ -756,7 +756,8 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
     def ListAssets(self, request: Any, context: grpc.ServicerContext) -> Any:
         with _status_on_error(context):
             start_s, end_s = self._window()
-            statuses = self._repository.asset_status(self._assets, start_s=start_s, end_s=end_s)
+            with self._snapshot(context) as snapshot:
+                statuses = snapshot.asset_status(self._assets, start_s=start_s, end_s=end_s)
             response = protos.ListAssetsResponse()
             for status in statuses:
                 info = response.assets.add(

@@ -385,6 +385,18 @@ class Snapshot:
         finally:
             cur.close()
 
+    def asset_status(
+        self, asset_ids: Sequence[str], *, start_s: int, end_s: int
+    ) -> list[AssetStatus]:
+        """Stored range, point count, covered share of [start_s, end_s) and last outcome."""
+        params = {
+            "asset_ids": list(asset_ids),
+            "start": _to_datetime(start_s),
+            "end": _to_datetime(end_s),
+        }
+        rows = self._conn.execute(_ASSET_STATUS, params).fetchall()
+        return [AssetStatus(*row[:4], min(1.0, float(row[4])), *row[5:]) for row in rows]
+
     def _close(self) -> None:
         # Before the connection goes back to the pool: a cursor closed later, when its
         # iterator is collected, must not send CLOSE on a connection someone else uses.
@@ -717,15 +729,12 @@ class Repository:
     def asset_status(
         self, asset_ids: Sequence[str], *, start_s: int, end_s: int
     ) -> list[AssetStatus]:
-        """Stored range, point count, covered share of [start_s, end_s) and last outcome."""
-        params = {
-            "asset_ids": list(asset_ids),
-            "start": _to_datetime(start_s),
-            "end": _to_datetime(end_s),
-        }
-        with _unavailable_on_failure("reading asset status"), self._pool.connection() as conn:
-            rows = conn.execute(_ASSET_STATUS, params).fetchall()
-        return [AssetStatus(*row[:4], min(1.0, float(row[4])), *row[5:]) for row in rows]
+        """Stored range, point count, covered share of [start_s, end_s) and last outcome.
+
+        For a call with a deadline, use Snapshot.asset_status, which stops at it.
+        """
+        with self.snapshot() as snapshot:
+            return snapshot.asset_status(asset_ids, start_s=start_s, end_s=end_s)
 
     @contextmanager
     def asset_lock(self, asset_id: str) -> Iterator[bool]:

@@ -205,13 +205,19 @@ def test_health_is_serving_once_migrated(service):
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_deadline_cancels_the_database_query(service, dsn):
+@pytest.mark.parametrize(
+    ("call", "statement"),
+    [
+        (lambda stub: stub.QueryTimeSeries(request(T0, T0 + DAY), timeout=0.5), "%date_bin%"),
+        (lambda stub: stub.ListAssets(edgecom.protos.ListAssetsRequest(), timeout=0.5), "%wanted%"),
+    ],
+    ids=["QueryTimeSeries", "ListAssets"],
+)
+def test_deadline_cancels_the_database_query(service, dsn, call, statement):
     service.repository.upsert_points(ASSET, series(T0, 10))
     with psycopg.connect(dsn) as blocker:
         blocker.execute("LOCK TABLE points IN ACCESS EXCLUSIVE MODE")
-        code, _ = status_of(
-            lambda: service.stub.QueryTimeSeries(request(T0, T0 + DAY), timeout=0.5)
-        )
+        code, _ = status_of(lambda: call(service.stub))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
 
         def running_queries() -> int:
@@ -219,7 +225,7 @@ def test_deadline_cancels_the_database_query(service, dsn):
                 return conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                     " AND state = 'active' AND query LIKE %s",
-                    ("%date_bin%",),
+                    (statement,),
                 ).fetchone()[0]
 
         assert wait_for(lambda: running_queries() == 0, timeout_s=5)
