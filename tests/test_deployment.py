@@ -438,7 +438,7 @@ def test_secret_and_configmap_references_resolve() -> None:
 
 
 def _readme_kubernetes_section() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "operations.md").read_text()
     start = text.index("### Kubernetes")
     return text[start : text.index("\n### ", start + 1)]
 
