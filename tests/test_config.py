@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-import edgecom
-from edgecom import ConfigError, load_config, parse_duration
+import config
+from config import ConfigError, load_config, parse_duration
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_repository_config_yaml_matches_the_defaults():
-    assert load_config(ROOT / "config.yaml", env={}) == edgecom.Config()
+    assert load_config(ROOT / "config.yaml", env={}) == config.Config()
 
 
 def test_defaults_when_sections_are_missing(tmp_path):

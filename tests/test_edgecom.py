@@ -20,6 +20,7 @@ from test_repository import DAY, T0, assert_same, reference, series
 
 import edgecom
 from repository import Repository
+from service import parse_bucket_window
 from simulator import Simulator
 
 TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
@@ -55,7 +56,7 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
 def test_query_matches_the_reference(service, window, aggregation):
     points = [*series(T0 - DAY, 3 * 96), (T0 + 30, 5.5), (T0 + 60, -2.0)]
     service.repository.upsert_points(ASSET, points)
-    window_s = edgecom.parse_window(window)
+    window_s = parse_bucket_window(window).count
     response = service.stub.QueryTimeSeries(
         request(T0 - DAY, T0 + DAY, window, aggregation.lower())
     )
@@ -144,7 +145,7 @@ def test_database_down_is_unavailable_and_health_not_serving():
     server, port = edgecom.create_server(
         address="127.0.0.1:0", servicer=servicer, health_servicer=health_servicer
     )
-    watch = edgecom.HealthWatch(repository=repo, health_servicer=health_servicer, interval_s=0.2)
+    watch = edgecom.DatabaseWatch(repository=repo, health_servicer=health_servicer, interval_s=0.2)
     server.start()
     watch.start()
     try:

@@ -27,6 +27,7 @@ from test_edgecom import free_port, points_of, request, status_of
 from test_repository import DAY, T0
 
 import edgecom
+from config import CacheConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
 from metrics import Metrics
 from repository import LISTENER_APPLICATION_NAME
@@ -757,14 +758,14 @@ def insert_quarter_hours(dsn: str, start_s: int, count: int) -> None:
 
 def test_many_distinct_large_answers_keep_the_cache_within_its_byte_bound(repository, dsn):
     max_bytes = 2**20
-    config = edgecom.Config(
-        upstream=edgecom.UpstreamConfig(assets=(ASSET,)),
-        cache=edgecom.CacheConfig(max_bytes=max_bytes),
-        rate_limit=edgecom.RateLimitConfig(rps=0),
+    config = Config(
+        upstream=UpstreamConfig(assets=(ASSET,)),
+        cache=CacheConfig(max_bytes=max_bytes),
+        rate_limit=RateLimitConfig(rps=0),
     )
     metrics = Metrics()
     cache = QueryCache(config.cache.size, max_bytes=config.cache.max_bytes, metrics=metrics)
-    interceptors = edgecom.build_interceptors(config, metrics=metrics, cache=cache)
+    interceptors = edgecom.interceptors_for(config, metrics=metrics, cache=cache)
     running = RunningService(
         repository, assets=(ASSET,), max_points=100000, interceptors=interceptors
     )
