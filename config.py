@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -293,9 +294,38 @@ def _from_go_layout(raw: dict) -> dict:
     return raw
 
 
+# Where the EdgeCom API puts the asset id in a series URL.
+_ASSET_IN_URL_RE = re.compile(r"/asset/([^/]+)/series/?$")
+
+
+def _one_asset_url(upstream: UpstreamConfig, *, assets_set: bool) -> UpstreamConfig:
+    """A url without the {asset_id} placeholder, as the Go service's config has it, is the
+    URL of exactly one asset: the one upstream.assets lists or, when assets is not set,
+    the one the URL's path names (.../asset/<id>/series). Raises ConfigError.
+    """
+    if "{asset_id}" in upstream.url:
+        return upstream
+    if assets_set:
+        if len(upstream.assets) > 1:
+            raise ConfigError(
+                f"upstream.url: {upstream.url!r} has no {{asset_id}} placeholder, so it is the "
+                f"URL of one asset, but upstream.assets lists {len(upstream.assets)}: put "
+                "{asset_id} where the asset id goes, or list one asset"
+            )
+        return upstream
+    match = _ASSET_IN_URL_RE.search(urlsplit(upstream.url.strip()).path)
+    if not match:
+        try:
+            validate_url_template(upstream.url)
+        except ValueError as exc:
+            raise ConfigError(f"upstream.url: {exc}") from None
+        return upstream
+    return dataclasses.replace(upstream, assets=(unquote(match.group(1)),))
+
+
 def _validate(config: Config) -> None:
     try:
-        validate_url_template(config.upstream.url)
+        validate_url_template(config.upstream.url, one_asset=len(config.upstream.assets) == 1)
     except ValueError as exc:
         raise ConfigError(f"upstream.url: {exc}") from None
     if not config.upstream.assets:
@@ -421,6 +451,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     # The Go service spelled the placeholder {asset-id}.
     url = sections["upstream"].url.replace("{asset-id}", "{asset_id}")
     sections["upstream"] = dataclasses.replace(sections["upstream"], url=url)
+    assets_set = "assets" in (raw.get("upstream") or {}) or "EDGECOM_UPSTREAM_ASSETS" in env
+    sections["upstream"] = _one_asset_url(sections["upstream"], assets_set=assets_set)
     config = Config(**sections)
     _validate(config)
     return config

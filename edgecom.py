@@ -49,6 +49,7 @@ from metrics import IngestMetrics, Metrics, start_metrics_server
 from repository import ChangeListener, DatabaseUnavailable, EmbeddedPostgres, Repository
 from scheduler import Ingestor, Scheduler
 from service import (
+    GO_SERVICE_NAME,
     QUERY_METHOD,
     SERVICE_NAME,
     TimeSeriesServicer,
@@ -277,7 +278,7 @@ class DatabaseWatch:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, GO_SERVICE_NAME):
             self._health.set(name, status)
 
     def _run(self) -> None:
@@ -658,6 +659,8 @@ def _build_parts(
             on_request=observer.upstream_request,
             stop=stop,
             max_response_bytes=upstream.max_response_bytes,
+            # load_config accepts a url without the placeholder for exactly one asset.
+            one_asset=len(upstream.assets) == 1,
         )
     return _Parts(metrics, observer, cache, drain, interceptors, client)
 

@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "proto"))
 protos, services = grpc.protos_and_services("edgecom.proto")
 
 SERVICE_NAME = "edgecom.TimeSeriesService"
+# The Go service's name for the same API: its health probes keep working.
+GO_SERVICE_NAME = "timeseries.TimeSeriesService"
 QUERY_METHOD = f"/{SERVICE_NAME}/QueryTimeSeries"
 MAX_WINDOW_S = 366 * 86400
 MAX_WINDOW_WEEKS = 52

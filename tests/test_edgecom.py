@@ -206,6 +206,13 @@ def test_health_is_serving_once_migrated(service):
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_answers_for_the_go_service_name_too(service):
+    # Probes written for the Go service ask for its service name.
+    health_stub = health_pb2_grpc.HealthStub(service.channel)
+    request = health_pb2.HealthCheckRequest(service="timeseries.TimeSeriesService")
+    assert health_stub.Check(request).status == health_pb2.HealthCheckResponse.SERVING
+
+
 @pytest.mark.parametrize(
     ("call", "statement"),
     [

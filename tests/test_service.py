@@ -980,3 +980,31 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_instead_of_queued(
         blocker.close()
     for call in (*running, queued):
         assert points_of(call.result()) == [(T0, 1.0)]
+
+
+def test_go_service_config_with_the_asset_in_its_url_loads_and_ingests(dsn, tmp_path, simulator):
+    # The Go service's k8s config names one asset by its literal id in server.url.
+    url = simulator.url_template.replace("{asset_id}", ASSET)
+    path = tmp_path / "config.yaml"
+    path.write_text(f'server:\n  url: "{url}"\n')
+    env = service_env(
+        EDGECOM_CONFIG=str(path),
+        EDGECOM_DATABASE_URL=dsn,
+        EDGECOM_SERVER_HOST="127.0.0.1",
+        EDGECOM_SERVER_PORT="0",
+        EDGECOM_METRICS_PORT="0",
+        EDGECOM_LOGGING_FORMAT="json",
+        EDGECOM_UPSTREAM_BOOTSTRAP="1d",
+    )
+    service = ServiceProcess(tmp_path / "edgecom.log", env)
+    try:
+        service.wait_serving()
+        assets = service.stub().ListAssets(edgecom.protos.ListAssetsRequest()).assets
+        assert [asset.asset_id for asset in assets] == [ASSET]
+
+        def fetched() -> bool:
+            return any(r.asset_id == ASSET and r.status == 200 for r in simulator.requests)
+
+        assert wait_for(fetched, timeout_s=30), service.log_text()
+    finally:
+        service.close()
