@@ -151,14 +151,17 @@ class _Call:
     url: httpx.URL
 
 
-def validate_url_template(template: str) -> None:
-    """Raise ValueError unless template is an http(s) URL with an {asset_id} placeholder."""
+def validate_url_template(template: str, *, one_asset: bool = False) -> None:
+    """Raise ValueError unless template is an http(s) URL with an {asset_id} placeholder.
+
+    With one_asset, a URL without the placeholder is fine too: the URL of the one asset.
+    """
     normalized = _normalize_template(template)
     example = f"e.g. {DEFAULT_URL_TEMPLATE!r}"
     parts = urlsplit(normalized)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"upstream url {template!r} must be an http:// or https:// URL, {example}")
-    if _PLACEHOLDER not in normalized:
+    if _PLACEHOLDER not in normalized and not one_asset:
         raise ValueError(
             f"upstream url {template!r} lacks the {_PLACEHOLDER} placeholder for the asset, "
             f"{example}"
@@ -176,6 +179,9 @@ def _normalize_template(template: str) -> str:
 
 class ApiClient:
     """Fetches series over one keep-alive connection pool; safe to share between threads.
+
+    With one_asset, url_template may be a URL without the {asset_id} placeholder, fetched
+    as it is: the service then keeps exactly one asset (the Go service's configuration).
 
     Connection errors, timeouts, 429, 5xx and unusable bodies are retried with exponential
     backoff and jitter (honouring Retry-After up to backoff_max_s); other statuses, redirects
@@ -197,8 +203,9 @@ class ApiClient:
         stop: threading.Event | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         clock: Callable[[], float] = time.time,
+        one_asset: bool = False,
     ) -> None:
-        validate_url_template(url_template)
+        validate_url_template(url_template, one_asset=one_asset)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if max_response_bytes < 1:

@@ -187,7 +187,8 @@ class RequestLogInterceptor(_WrappingInterceptor):
     The id is the client's ``x-request-id`` when it sends a short printable one, else a new
     uuid4 hex. The line is ``logger.info("rpc", extra=...)`` with the fields request_id, method,
     peer, code, duration_ms, cache and points (WARNING for codes that mean a server fault).
-    Must be the outermost interceptor: it starts the CallInfo the inner ones fill in.
+    Must be outside every interceptor that fills in the CallInfo it starts (only the drain
+    is outside it).
     """
 
     _SERVER_FAULTS = frozenset(

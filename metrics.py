@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+if TYPE_CHECKING:
+    from scheduler import Progress
+
 _LOG = logging.getLogger(__name__)
+# Progress lines belong to the service's log, as they always have.
+_PROGRESS_LOG = logging.getLogger("edgecom")
 
 # gRPC answers range from a cached reply (well under 1 ms) to a large aggregate (seconds).
 GRPC_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -143,3 +150,43 @@ def start_metrics_server(metrics: Metrics, *, host: str, port: int) -> MetricsSe
     Returns once the socket is bound; requests are answered on a daemon thread.
     """
     return MetricsServer(host, port, metrics.registry)
+
+
+class IngestMetrics:
+    """Turns what ingestion and the upstream client report into metrics and progress output."""
+
+    def __init__(self, metrics: Metrics, *, progress_stream: Any = None) -> None:
+        self._metrics = metrics
+        # On a terminal, progress is one line redrawn in place; elsewhere, periodic log lines.
+        self._progress_stream = progress_stream
+
+    def upstream_request(self, asset_id: str, outcome: str, duration_s: float) -> None:
+        self._metrics.upstream_requests.labels(asset_id, outcome).inc()
+        self._metrics.upstream_request_duration.observe(duration_s)
+
+    def chunk_stored(self, asset_id: str, points: int, skipped: int) -> None:
+        self._metrics.ingested_points.labels(asset_id).inc(points)
+        self._metrics.skipped_points.labels(asset_id).inc(skipped)
+        self._metrics.last_successful_fetch.labels(asset_id).set(time.time())
+
+    def asset_synced(self, asset_id: str, *, ok: bool, coverage: float | None) -> None:
+        if coverage is not None:
+            self._metrics.coverage_ratio.labels(asset_id).set(coverage)
+
+    def progress(self, progress: Progress) -> None:
+        if self._progress_stream is None:
+            _PROGRESS_LOG.info(
+                "bootstrap progress",
+                extra={
+                    "asset_id": progress.asset_id,
+                    "chunks_done": progress.chunks_done,
+                    "chunks_total": progress.chunks_total,
+                    "points": progress.points,
+                    "points_per_s": round(progress.rate),
+                    "eta_s": None if progress.eta_s is None else round(progress.eta_s),
+                },
+            )
+            return
+        end = "\n" if progress.chunks_done == progress.chunks_total else ""
+        self._progress_stream.write(f"\r\x1b[K{progress.describe()}{end}")
+        self._progress_stream.flush()

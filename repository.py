@@ -227,6 +227,18 @@ _LISTENER_KEEPALIVES = {
 }
 
 
+def _connect_timeout(timeout_s: float) -> int:
+    # libpq takes whole seconds, and reads 0 as "wait forever".
+    return max(1, round(timeout_s))
+
+
+def connect(dsn: str, *, timeout_s: float, **kwargs: object) -> psycopg.Connection:
+    """An autocommit connection outside the pools; gives up after about timeout_s. Blocks."""
+    return psycopg.connect(
+        dsn, autocommit=True, connect_timeout=_connect_timeout(timeout_s), **kwargs
+    )
+
+
 class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
 
@@ -506,7 +518,10 @@ class Repository:
             max_size=size,
             open=False,
             timeout=self._connect_timeout_s,
-            kwargs={"connect_timeout": max(1, round(self._connect_timeout_s)), "autocommit": True},
+            kwargs={
+                "connect_timeout": _connect_timeout(self._connect_timeout_s),
+                "autocommit": True,
+            },
             name=name,
             # Connections idle in the pool die with a database restart or a dropped network;
             # a query handed one would fail UNAVAILABLE although the database is back.
@@ -557,11 +572,7 @@ class Repository:
             for _ in range(2):
                 reused = self._ping_conn is not None and not self._ping_conn.closed
                 if not reused:
-                    self._ping_conn = psycopg.connect(
-                        self._dsn,
-                        autocommit=True,
-                        connect_timeout=max(1, round(self._connect_timeout_s)),
-                    )
+                    self._ping_conn = connect(self._dsn, timeout_s=self._connect_timeout_s)
                 try:
                     self._ping_conn.execute("SELECT 1")
                     return
@@ -766,11 +777,7 @@ class Repository:
         for conn in (idle, None):
             with _unavailable_on_failure("locking an asset"):
                 if conn is None:
-                    conn = psycopg.connect(
-                        self._dsn,
-                        autocommit=True,
-                        connect_timeout=max(1, round(self._connect_timeout_s)),
-                    )
+                    conn = connect(self._dsn, timeout_s=self._connect_timeout_s)
                 try:
                     row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", key).fetchone()
                     return conn, row[0]
@@ -983,11 +990,10 @@ class ChangeListener:
             delay_s = min(delay_s * 2, self._max_reconnect_delay_s)
 
     def _connect(self) -> psycopg.Connection:
-        conn = psycopg.connect(
+        conn = connect(
             self._dsn,
-            autocommit=True,
+            timeout_s=self._connect_timeout_s,
             application_name=LISTENER_APPLICATION_NAME,
-            connect_timeout=max(1, round(self._connect_timeout_s)),
             **_LISTENER_KEEPALIVES,
         )
         try:

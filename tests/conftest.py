@@ -20,6 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 import edgecom
 from repository import EmbeddedPostgres, Repository
+from service import MAX_STREAMS, PAGE_POINTS, STREAM_IDLE_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,14 +99,14 @@ class RunningService:
         *,
         assets: tuple[str, ...],
         max_points: int,
-        page_points: int = edgecom.QueryConfig.page_points,
+        page_points: int = PAGE_POINTS,
         interceptors: tuple[grpc.ServerInterceptor, ...] = (),
-        max_streams: int = edgecom.QueryConfig.max_streams,
-        stream_idle_timeout_s: float = edgecom.QueryConfig.stream_idle_timeout,
+        max_streams: int = MAX_STREAMS,
+        stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S,
     ):
         self.repository = repository
         self.health = health.HealthServicer()
-        self.watch = edgecom.HealthWatch(
+        self.watch = edgecom.DatabaseWatch(
             repository=repository, health_servicer=self.health, interval_s=0.2
         )
         servicer = edgecom.TimeSeriesServicer(

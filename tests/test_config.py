@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-import edgecom
-from edgecom import ConfigError, load_config, parse_duration
+import config
+from config import ConfigError, load_config, parse_duration
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_repository_config_yaml_matches_the_defaults():
-    assert load_config(ROOT / "config.yaml", env={}) == edgecom.Config()
+    assert load_config(ROOT / "config.yaml", env={}) == config.Config()
 
 
 def test_defaults_when_sections_are_missing(tmp_path):
@@ -245,3 +245,20 @@ def test_bad_cache_and_rate_limit_keys_name_the_key(tmp_path, text, env, expecte
         load_config(write(tmp_path, text), env=env)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_go_service_url_with_a_literal_asset_id_is_that_one_asset(tmp_path):
+    url = "https://api.edgecomenergy.net/core/asset/3662953a-1396/series"
+    config = load_config(write(tmp_path, f"server:\n  url: {url}\n"), env={})
+    assert config.upstream.url == url
+    assert config.upstream.assets == ("3662953a-1396",)
+    listed = load_config(
+        write(tmp_path, f"server: {{url: '{url}'}}\nupstream: {{assets: [x]}}\n"), env={}
+    )
+    assert listed.upstream.assets == ("x",)
+
+
+def test_url_without_placeholder_and_several_assets_names_upstream_url(tmp_path):
+    text = "upstream: {url: 'https://x/core/asset/a/series', assets: [a, b]}\n"
+    with pytest.raises(ConfigError, match=r"^upstream\.url: .*lists 2"):
+        load_config(write(tmp_path, text), env={})

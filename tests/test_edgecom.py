@@ -20,6 +20,7 @@ from test_repository import DAY, T0, assert_same, reference, series
 
 import edgecom
 from repository import Repository
+from service import parse_bucket_window
 from simulator import Simulator
 
 TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
@@ -55,7 +56,7 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
 def test_query_matches_the_reference(service, window, aggregation):
     points = [*series(T0 - DAY, 3 * 96), (T0 + 30, 5.5), (T0 + 60, -2.0)]
     service.repository.upsert_points(ASSET, points)
-    window_s = edgecom.parse_window(window)
+    window_s = parse_bucket_window(window).count
     response = service.stub.QueryTimeSeries(
         request(T0 - DAY, T0 + DAY, window, aggregation.lower())
     )
@@ -144,7 +145,7 @@ def test_database_down_is_unavailable_and_health_not_serving():
     server, port = edgecom.create_server(
         address="127.0.0.1:0", servicer=servicer, health_servicer=health_servicer
     )
-    watch = edgecom.HealthWatch(repository=repo, health_servicer=health_servicer, interval_s=0.2)
+    watch = edgecom.DatabaseWatch(repository=repo, health_servicer=health_servicer, interval_s=0.2)
     server.start()
     watch.start()
     try:
@@ -203,6 +204,13 @@ def test_health_is_serving_once_migrated(service):
     for name in ("", "edgecom.TimeSeriesService"):
         status = health_stub.Check(health_pb2.HealthCheckRequest(service=name)).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_answers_for_the_go_service_name_too(service):
+    # Probes written for the Go service ask for its service name.
+    health_stub = health_pb2_grpc.HealthStub(service.channel)
+    request = health_pb2.HealthCheckRequest(service="timeseries.TimeSeriesService")
+    assert health_stub.Check(request).status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.mark.parametrize(

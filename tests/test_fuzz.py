@@ -23,9 +23,11 @@ from hypothesis import strategies as st
 
 import edgecom
 from buckets import FILLS
+from config import Config, RateLimitConfig, UpstreamConfig
 from interceptors import REQUEST_ID_KEY, QueryCache
 from metrics import Metrics
 from repository import AGGREGATIONS, Repository
+from service import MAX_TIMESTAMP_S, MIN_TIMESTAMP_S
 
 EXAMPLES = int(os.environ.get("EDGECOM_FUZZ_EXAMPLES", "300"))
 DEADLINE_S = 2.0
@@ -47,8 +49,8 @@ METHODS = {
     "ListAssets": "unary",
 }
 
-MIN_S = edgecom.MIN_TIMESTAMP_S
-MAX_S = edgecom.MAX_TIMESTAMP_S
+MIN_S = MIN_TIMESTAMP_S
+MAX_S = MAX_TIMESTAMP_S
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z, where the stored points are
 DAY = 86400
 INT64 = (-(2**63), 2**63 - 1)
@@ -249,12 +251,12 @@ class Fuzzed:
 
     def __init__(self, repository: Repository) -> None:
         self.ends = CallEnds()
-        config = edgecom.Config(
-            upstream=edgecom.UpstreamConfig(assets=(ASSET, OTHER_ASSET)),
+        config = Config(
+            upstream=UpstreamConfig(assets=(ASSET, OTHER_ASSET)),
             # Off, so that generated calls reach the servicer rather than the limit.
-            rate_limit=edgecom.RateLimitConfig(rps=0),
+            rate_limit=RateLimitConfig(rps=0),
         )
-        interceptors = edgecom.build_interceptors(config, metrics=Metrics(), cache=QueryCache(100))
+        interceptors = edgecom.interceptors_for(config, metrics=Metrics(), cache=QueryCache(100))
         self.running = RunningService(
             repository,
             assets=(ASSET, OTHER_ASSET),

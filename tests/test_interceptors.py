@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 # The modules under test sit at the repository root; the proto is loaded at run time.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proto"))
 
+import edgecom
 from interceptors import (
     ENTRY_OVERHEAD_BYTES,
     AuthInterceptor,
@@ -862,12 +863,15 @@ def test_interceptors_run_in_the_declared_order() -> None:
     records: list[str] = []
     metrics, servicer = Metrics(), _Servicer()
     servicer.records = records
-    declared = (
-        RequestLogInterceptor(),
-        MetricsInterceptor(metrics),
-        RateLimitInterceptor(rps=0.001, burst=3, clock=_Clock(), metrics=metrics),
-        AuthInterceptor([TOKEN]),
-        CacheInterceptor(QueryCache(10), _key_fn, metrics),
+    # The chain as production builds it; the real clock refills a token every 1000 s.
+    declared = edgecom.build_interceptors(
+        metrics=metrics,
+        cache=QueryCache(10),
+        cache_key=_key_fn,
+        max_open_streams=4,
+        rps=0.001,
+        burst=3,
+        tokens=[TOKEN],
     )
     # A probe before each interceptor and one after the last shows where each one acts.
     probes = [_Probe(f"p{i}", records, metrics) for i in range(len(declared) + 1)]
@@ -882,33 +886,43 @@ def test_interceptors_run_in_the_declared_order() -> None:
         return list(records)
 
     def entered(*names: str) -> list[str]:
-        return [f"{name} {'unlogged' if name == 'p0' else 'logged'}" for name in names]
+        # The drain sits between p0 and p1, the request log between p1 and p2.
+        return [f"{n} {'unlogged' if n in ('p0', 'p1') else 'logged'}" for n in names]
 
     def left(count: int, *names: str) -> list[str]:
-        # The metrics interceptor sits between p1 and p2: only p1 and p0 see the call counted.
-        return [f"{n} done counted={count - (n not in ('p0', 'p1'))}" for n in names]
+        # The metrics interceptor sits between p2 and p3: only p2 to p0 see the call counted.
+        return [f"{n} done counted={count - (n not in ('p0', 'p1', 'p2'))}" for n in names]
 
+    assert [type(i) for i in declared] == [
+        DrainInterceptor,
+        RequestLogInterceptor,
+        MetricsInterceptor,
+        OpenStreamLimitInterceptor,
+        RateLimitInterceptor,
+        AuthInterceptor,
+        CacheInterceptor,
+    ]
     with _serve(chain, servicer) as client:
         assert run(lambda: client.query(metadata=BEARER)) == [
-            *entered("p0", "p1", "p2", "p3", "p4", "p5"),
+            *entered("p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"),
             "servicer",
+            *left(1, "p7", "p6", "p5", "p4", "p3", "p2", "p1", "p0"),
+        ]
+        # Cache hit: the cache, between p6 and p7, answers.
+        assert run(lambda: client.query(metadata=BEARER)) == [
+            *entered("p0", "p1", "p2", "p3", "p4", "p5", "p6"),
+            *left(2, "p6", "p5", "p4", "p3", "p2", "p1", "p0"),
+        ]
+        # No token: auth, between p5 and p6, refuses, after the rate limit took a token.
+        assert run(client.query) == [
+            *entered("p0", "p1", "p2", "p3", "p4", "p5"),
             *left(1, "p5", "p4", "p3", "p2", "p1", "p0"),
         ]
-        # Cache hit: the cache, between p4 and p5, answers.
-        assert run(lambda: client.query(metadata=BEARER)) == [
-            *entered("p0", "p1", "p2", "p3", "p4"),
-            *left(2, "p4", "p3", "p2", "p1", "p0"),
-        ]
-        # No token: auth, between p3 and p4, refuses, after the rate limit took a token.
-        assert run(client.query) == [
-            *entered("p0", "p1", "p2", "p3"),
-            *left(1, "p3", "p2", "p1", "p0"),
-        ]
-        # All three tokens spent: the rate limit, between p2 and p3, refuses, token or not.
+        # All three tokens spent: the rate limit, between p4 and p5, refuses, token or not.
         for count, metadata in enumerate((BEARER, ()), start=1):
             assert run(lambda m=metadata: client.query(metadata=m)) == [
-                *entered("p0", "p1", "p2"),
-                *left(count, "p2", "p1", "p0"),
+                *entered("p0", "p1", "p2", "p3", "p4"),
+                *left(count, "p4", "p3", "p2", "p1", "p0"),
             ]
 
 

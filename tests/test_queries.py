@@ -28,9 +28,11 @@ from test_repository import reference as original_reference
 from test_repository import series
 
 import edgecom
+from config import AuthConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
 from metrics import Metrics
 from repository import ChangeListener, Repository
+from service import PAGE_POINTS, parse_bucket_window
 
 TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
 QUARTER = 900
@@ -621,7 +623,7 @@ def test_old_clients_get_exactly_the_previous_answers(service, dsn, window):
         request_serializer=Request.SerializeToString,
         response_deserializer=Response.FromString,
     )
-    window_s = edgecom.parse_window(window)
+    window_s = parse_bucket_window(window).count
     start_s, end_s = YEAR_START - 2 * DAY + 1234, YEAR_START + 3 * DAY
     for aggregation in ("MIN", "MAX", "AVG", "SUM"):
         old_request = Request(window=window, aggregation=aggregation.lower())
@@ -653,13 +655,13 @@ def test_old_clients_get_exactly_the_previous_answers(service, dsn, window):
 
 
 def test_cache_tells_timezones_and_fills_apart(repository, dsn):
-    config = edgecom.Config(
-        upstream=edgecom.UpstreamConfig(assets=(ASSET,)),
-        rate_limit=edgecom.RateLimitConfig(rps=0),
+    config = Config(
+        upstream=UpstreamConfig(assets=(ASSET,)),
+        rate_limit=RateLimitConfig(rps=0),
     )
     metrics = Metrics()
     cache = QueryCache(100, metrics=metrics)
-    interceptors = edgecom.build_interceptors(config, metrics=metrics, cache=cache)
+    interceptors = edgecom.interceptors_for(config, metrics=metrics, cache=cache)
     running = RunningService(
         repository, assets=(ASSET,), max_points=1000, interceptors=interceptors
     )
@@ -806,15 +808,15 @@ def test_stream_deadline_is_deadline_exceeded(service, dsn):
 
 
 def test_stream_passes_auth_rate_limit_metrics_and_log_but_not_the_cache(repository, caplog):
-    config = edgecom.Config(
-        upstream=edgecom.UpstreamConfig(assets=(ASSET,)),
-        auth=edgecom.AuthConfig(tokens=("s3cret",)),
+    config = Config(
+        upstream=UpstreamConfig(assets=(ASSET,)),
+        auth=AuthConfig(tokens=("s3cret",)),
         # The call without a token takes one too: the rate limit comes first.
-        rate_limit=edgecom.RateLimitConfig(rps=0.001, burst=4),
+        rate_limit=RateLimitConfig(rps=0.001, burst=4),
     )
     metrics = Metrics()
     cache = QueryCache(100, metrics=metrics)
-    interceptors = edgecom.build_interceptors(config, metrics=metrics, cache=cache)
+    interceptors = edgecom.interceptors_for(config, metrics=metrics, cache=cache)
     running = RunningService(
         repository, assets=(ASSET,), max_points=1000, page_points=5, interceptors=interceptors
     )
@@ -871,7 +873,7 @@ def test_ten_years_stream_with_flat_server_memory(repository, dsn, capsys):
         received = 0
         last = None
         for page in running.stub.StreamTimeSeries(req):
-            assert len(page.data) <= edgecom.QueryConfig.page_points
+            assert len(page.data) <= PAGE_POINTS
             received += len(page.data)
             last = page.data[-1].time.seconds
             peak = max(peak, _rss_bytes())

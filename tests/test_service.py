@@ -27,6 +27,7 @@ from test_edgecom import free_port, points_of, request, status_of
 from test_repository import DAY, T0
 
 import edgecom
+from config import CacheConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
 from metrics import Metrics
 from repository import LISTENER_APPLICATION_NAME
@@ -757,14 +758,14 @@ def insert_quarter_hours(dsn: str, start_s: int, count: int) -> None:
 
 def test_many_distinct_large_answers_keep_the_cache_within_its_byte_bound(repository, dsn):
     max_bytes = 2**20
-    config = edgecom.Config(
-        upstream=edgecom.UpstreamConfig(assets=(ASSET,)),
-        cache=edgecom.CacheConfig(max_bytes=max_bytes),
-        rate_limit=edgecom.RateLimitConfig(rps=0),
+    config = Config(
+        upstream=UpstreamConfig(assets=(ASSET,)),
+        cache=CacheConfig(max_bytes=max_bytes),
+        rate_limit=RateLimitConfig(rps=0),
     )
     metrics = Metrics()
     cache = QueryCache(config.cache.size, max_bytes=config.cache.max_bytes, metrics=metrics)
-    interceptors = edgecom.build_interceptors(config, metrics=metrics, cache=cache)
+    interceptors = edgecom.interceptors_for(config, metrics=metrics, cache=cache)
     running = RunningService(
         repository, assets=(ASSET,), max_points=100000, interceptors=interceptors
     )
@@ -979,3 +980,31 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_instead_of_queued(
         blocker.close()
     for call in (*running, queued):
         assert points_of(call.result()) == [(T0, 1.0)]
+
+
+def test_go_service_config_with_the_asset_in_its_url_loads_and_ingests(dsn, tmp_path, simulator):
+    # The Go service's k8s config names one asset by its literal id in server.url.
+    url = simulator.url_template.replace("{asset_id}", ASSET)
+    path = tmp_path / "config.yaml"
+    path.write_text(f'server:\n  url: "{url}"\n')
+    env = service_env(
+        EDGECOM_CONFIG=str(path),
+        EDGECOM_DATABASE_URL=dsn,
+        EDGECOM_SERVER_HOST="127.0.0.1",
+        EDGECOM_SERVER_PORT="0",
+        EDGECOM_METRICS_PORT="0",
+        EDGECOM_LOGGING_FORMAT="json",
+        EDGECOM_UPSTREAM_BOOTSTRAP="1d",
+    )
+    service = ServiceProcess(tmp_path / "edgecom.log", env)
+    try:
+        service.wait_serving()
+        assets = service.stub().ListAssets(edgecom.protos.ListAssetsRequest()).assets
+        assert [asset.asset_id for asset in assets] == [ASSET]
+
+        def fetched() -> bool:
+            return any(r.asset_id == ASSET and r.status == 200 for r in simulator.requests)
+
+        assert wait_for(fetched, timeout_s=30), service.log_text()
+    finally:
+        service.close()
