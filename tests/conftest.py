@@ -74,16 +74,59 @@ def drop_database(server_dsn: str, name: str, *, attempts: int = 5) -> None:
             time.sleep(attempt)
 
 
-@pytest.fixture
-def dsn(server_dsn: str) -> Iterator[str]:
-    """A fresh, empty database for one test, dropped afterwards."""
+@pytest.fixture(scope="session")
+def shared_database(server_dsn: str) -> Iterator[str]:
+    """One migrated database for the session: creating and migrating one per test costs
+    more than most tests do. Tests get it emptied by the `dsn` fixture."""
     with fresh_database(server_dsn) as database:
+        with Repository(dsn=database, max_connections=1) as repo:
+            repo.migrate()
         yield database
+
+
+def empty_database(dsn: str) -> None:
+    """Leave a migrated database as a new one would be: no other client, no rows.
+
+    The sessions of a previous test (a stopped service process, a closed pool) may take a
+    moment to go; any still there after that are ended, as dropping the database would.
+    schema_migrations keeps its rows, so migrating again is a no-op as on a new database.
+    """
+    others = (
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if not wait_for(lambda: not conn.execute(others).fetchall(), timeout_s=5):
+            conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) AS others")
+            assert wait_for(lambda: not conn.execute(others).fetchall()), "sessions stay"
+        conn.execute("SET lock_timeout = '10s'")
+        [[filled]] = conn.execute(
+            "SELECT EXISTS (SELECT FROM points) OR EXISTS (SELECT FROM assets)"
+        ).fetchall()
+        if filled:
+            conn.execute("TRUNCATE points, assets")
+
+
+@pytest.fixture
+def dsn(request: pytest.FixtureRequest, server_dsn: str) -> Iterator[str]:
+    """The test's database, migrated and empty: the session's shared one, emptied first.
+
+    Tests of what only a new database shows (migrations, locks on the database itself)
+    are marked `fresh_database`: they get an empty, unmigrated database of their own,
+    dropped afterwards.
+    """
+    if request.node.get_closest_marker("fresh_database"):
+        with fresh_database(server_dsn) as database:
+            yield database
+        return
+    shared = request.getfixturevalue("shared_database")
+    empty_database(shared)
+    yield shared
 
 
 @pytest.fixture
 def repository(dsn: str) -> Iterator[Repository]:
-    """An open, migrated repository on a fresh database."""
+    """An open, migrated repository on the test's database."""
     with Repository(dsn=dsn, max_connections=4) as repo:
         repo.migrate()
         yield repo

@@ -66,6 +66,7 @@ def series(start_s, count, step_s=900, seed=1):
     ]
 
 
+@pytest.mark.fresh_database
 def test_migrations_applied_twice_are_a_no_op(dsn):
     with Repository(dsn=dsn) as repo:
         first = repo.migrate()
@@ -74,6 +75,7 @@ def test_migrations_applied_twice_are_a_no_op(dsn):
     assert second == []
 
 
+@pytest.mark.fresh_database
 def test_two_processes_migrating_at_once_both_succeed(dsn):
     script = (
         "import sys; sys.path.insert(0, sys.argv[2]);"
@@ -155,6 +157,7 @@ def test_empty_range_returns_nothing(repository):
     assert query(repository, T0, T0 + DAY, 3600, "AVG", asset_id=OTHER_ASSET) == []
 
 
+@pytest.mark.slow
 def test_two_years_of_quarter_hours(repository):
     count = 2 * 365 * 96
     points = series(T0, count)

@@ -22,6 +22,9 @@ START = T0 - 40 * DAY
 QUARTER_HOURS = 75 * 96
 NEVER_S = 100 * 365 * DAY
 
+# Storage policies and extension state belong to a database: each test gets its own.
+pytestmark = pytest.mark.fresh_database
+
 
 @pytest.fixture(scope="session")
 def timescaledb_available(server_dsn: str) -> bool:
