@@ -317,6 +317,7 @@ def test_process_serves_and_stops_gracefully_on_sigterm(dsn, tmp_path):
     assert not (tmp_path / ".edgecom").exists(), "with a database URL, nothing embedded starts"
 
 
+@pytest.mark.slow
 def test_demo_bootstraps_two_years_and_answers_with_the_simulators_data(dsn, grpcurl):
     port = free_port()
     # The test polls ListAssets far faster than a client would.

@@ -100,11 +100,19 @@ def combine(aggregation: str, points: list[tuple[int, float]]) -> float:
 
 def reference(points, start_s, end_s, window, aggregation, zone=UTC):
     """(bucket start, value, count) of each non-empty bucket, ascending."""
+    buckets = grouped(tuple(points), start_s, end_s, window, zone)
+    return [(b, combine(aggregation, pts), len(pts)) for b, pts in buckets]
+
+
+@functools.lru_cache(maxsize=32)
+def grouped(points: tuple, start_s: int, end_s: int, window: str, zone) -> tuple:
+    """The points in [start_s, end_s) by bucket, ascending: computed once for every
+    aggregation and test that asks about the same series and layout."""
     buckets: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for t, v in points:
         if start_s <= t < end_s:
             buckets[bucket_of(t, zone, window)].append((t, v))
-    return [(b, combine(aggregation, pts), len(pts)) for b, pts in sorted(buckets.items())]
+    return tuple(sorted(buckets.items()))
 
 
 def reference_filled(points, start_s, end_s, window, aggregation, fill, zone=UTC, now=None):
@@ -205,8 +213,8 @@ def module_dsn(server_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def year() -> list[tuple[int, float]]:
-    return year_of_quarter_hours()
+def year() -> tuple[tuple[int, float], ...]:
+    return tuple(year_of_quarter_hours())
 
 
 @pytest.fixture(scope="module")
@@ -849,6 +857,7 @@ def _rss_bytes() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
+@pytest.mark.slow
 def test_ten_years_stream_with_flat_server_memory(repository, dsn, capsys):
     count = 350_640  # ten years of quarter-hours
     start_s = 1_420_070_400  # 2015-01-01T00:00:00Z
