@@ -276,15 +276,14 @@ def free_port() -> int:
 
 def process_env(dsn: str, port: int, **overrides: str) -> dict[str, str]:
     """Environment for running edgecom.py on `dsn` and loopback `port`, logging JSON."""
-    return {
-        **os.environ,
+    settings = {
         "EDGECOM_DATABASE_URL": dsn,
         "EDGECOM_SERVER_HOST": "127.0.0.1",
         "EDGECOM_SERVER_PORT": str(port),
         "EDGECOM_METRICS_PORT": "0",
         "EDGECOM_LOGGING_FORMAT": "json",
-        **overrides,
     }
+    return service_env(**{**settings, **overrides})
 
 
 # --- the service as a process -------------------------------------------------------------------
