@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 import config
+import edgecom
 from config import ConfigError, load_config, parse_duration
 
 
@@ -161,19 +161,19 @@ def test_bad_config_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
         (b"", {"EDGECOM_DATABASE_CONNECTION_TIMEOUT": "0"}, "database.connection_timeout"),
     ],
 )
-def test_odd_config_stops_start_up_with_one_line_and_exit_code_2(tmp_path, content, env, expected):
+def test_odd_config_stops_start_up_with_one_line_and_exit_code_2(
+    tmp_path, monkeypatch, capsys, content, env, expected
+):
+    # In process: main() is what the command runs; the exit-code path of the real
+    # process is the subprocess test above.
     path = tmp_path / "config.yaml"
     path.write_bytes(content)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "edgecom.py"), "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "EDGECOM_DATABASE_URL": "postgresql://u@127.0.0.1:1/x", **env},
-    )
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    for key, value in {"EDGECOM_DATABASE_URL": "postgresql://u@127.0.0.1:1/x", **env}.items():
+        monkeypatch.setenv(key, value)
+    assert edgecom.main(["--config", str(path)]) == 2
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert expected in lines[0]
 
 
@@ -182,15 +182,12 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "nope.yaml", env={})
 
 
-def test_help_documents_the_flags():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "edgecom.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0
-    assert "--config" in result.stdout and "EDGECOM_" in result.stdout
+def test_help_documents_the_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        edgecom.main(["--help"])
+    assert info.value.code == 0
+    stdout = capsys.readouterr().out
+    assert "--config" in stdout and "EDGECOM_" in stdout
 
 
 @pytest.mark.parametrize(

@@ -26,18 +26,18 @@ import grpc
 import kubernetes_validate.utils as kubernetes_validate
 import pytest
 import yaml
-from conftest import wait_for
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from test_edgecom import request, status_of
-from test_repository import DAY, T0
-from test_service import (
+from conftest import (
+    DAY,
     START_TIMEOUT_S,
+    T0,
     ServiceProcess,
-    run_until_exit,
+    free_port,
+    request,
     service_env,
-    start_service,  # noqa: F401 (a fixture; tests naming it trip F811)
-    upstream,  # noqa: F401 (a fixture that start_service uses)
+    status_of,
+    wait_for,
 )
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -245,12 +245,6 @@ def _compose_cli() -> list[str] | None:
         if result.returncode == 0 and result.stdout.strip().lstrip("v").startswith("2"):
             return command
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _image_references() -> list[str]:
@@ -685,7 +679,7 @@ def test_healthcheck_command_reports_grpc_health() -> None:
         assert (result.returncode, result.stderr) == (1, "edgecom: health check: NOT_SERVING\n")
     finally:
         server.stop(None)
-    result = _run_healthcheck(EDGECOM_SERVER_PORT=str(_free_port()))
+    result = _run_healthcheck(EDGECOM_SERVER_PORT=str(free_port()))
     assert result.returncode == 1, "an unreachable server must count as unhealthy"
     assert "UNAVAILABLE" in result.stderr
     # Docker reserves exit code 2 of a health check; a bad configuration is unhealthy.
@@ -798,7 +792,7 @@ def test_compose_stack_answers_grpc(docker_engine: None) -> None:
     grpcurl = _tool("grpcurl")
     if compose is None or grpcurl is None:
         pytest.skip("needs a Compose v2 CLI and grpcurl next to the Docker engine")
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     env = {**os.environ, "HOST_GRPC_PORT": str(grpc_port), "HOST_METRICS_PORT": str(metrics_port)}
     project = f"edgecom-e2e-{uuid.uuid4().hex[:8]}"
     base = [*compose, "--file", str(COMPOSE_FILE), "--project-name", project]
@@ -886,11 +880,11 @@ def _tls_settings(certificates: Path, mode: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("mode", ["plaintext", "tls", "mutual-tls"])
 def test_healthcheck_asks_the_running_service_with_tls_off_and_on(
-    start_service: Callable[..., ServiceProcess],  # noqa: F811
+    start_service: Callable[..., ServiceProcess],
     certificates: Path,
     mode: str,
 ) -> None:
-    port = str(_free_port())
+    port = str(free_port())
     settings = {**_tls_settings(certificates, mode), "EDGECOM_SERVER_PORT": port}
     service = start_service(**settings)
 
@@ -940,11 +934,11 @@ def _reachable(address: str, port: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
 def test_metrics_listen_on_metrics_host_not_on_server_host(
-    start_service: Callable[..., ServiceProcess],  # noqa: F811
+    start_service: Callable[..., ServiceProcess],
 ) -> None:
     other = _other_local_address()
     # gRPC on every interface, as in a container; metrics.host left at its default.
-    local_port, open_port = _free_port(), _free_port()
+    local_port, open_port = free_port(), free_port()
     local = start_service(
         "local", EDGECOM_SERVER_HOST="0.0.0.0", EDGECOM_METRICS_PORT=str(local_port)
     )
@@ -962,7 +956,7 @@ def test_metrics_listen_on_metrics_host_not_on_server_host(
 
 
 def test_tokens_file_adds_tokens_that_guard_the_api(
-    start_service: Callable[..., ServiceProcess],  # noqa: F811
+    start_service: Callable[..., ServiceProcess],
     tmp_path: Path,
 ) -> None:
     tokens = tmp_path / "tokens"
@@ -983,12 +977,12 @@ def test_tokens_file_adds_tokens_that_guard_the_api(
 
 @pytest.mark.parametrize("content", [None, "", "# only a comment\n\n"])
 def test_an_unreadable_or_empty_tokens_file_stops_start_up(
-    tmp_path: Path, content: str | None
+    tmp_path: Path, content: str | None, stopped_at_start_up: Callable[..., Any]
 ) -> None:
     path = tmp_path / "tokens"
     if content is not None:
         path.write_text(content)
-    result = run_until_exit(tmp_path, EDGECOM_AUTH_TOKENS_FILE=str(path))
+    result = stopped_at_start_up(EDGECOM_AUTH_TOKENS_FILE=str(path))
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     if content is None:

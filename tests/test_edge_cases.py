@@ -18,7 +18,6 @@ import grpc
 import pytest
 from conftest import ASSET, RunningService
 from google.protobuf.timestamp_pb2 import Timestamp
-from test_service import start_service, upstream  # noqa: F401 (fixtures)
 
 import edgecom
 from repository import Repository
@@ -259,7 +258,7 @@ def test_local_days_between_points_millennia_apart_end_by_the_deadline(repositor
 
 
 def test_sigterm_during_fills_over_all_of_time_exits_within_the_grace_period(
-    start_service,  # noqa: F811 (the fixture imported above)
+    start_service,
     repository,
 ):
     repository.upsert_points(ASSET, one_day_of_quarter_hours())

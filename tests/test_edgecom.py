@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,10 +11,26 @@ import time
 import grpc
 import psycopg
 import pytest
-from conftest import ASSET, OTHER_ASSET, ROOT, RunningService, wait_for
+from conftest import (
+    ASSET,
+    DAY,
+    OTHER_ASSET,
+    ROOT,
+    T0,
+    RunningService,
+    assert_same,
+    free_port,
+    points_of,
+    process_env,
+    reference,
+    request,
+    run_grpcurl,
+    series,
+    status_of,
+    wait_for,
+)
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_repository import DAY, T0, assert_same, reference, series
 
 import edgecom
 from repository import Repository
@@ -28,27 +42,6 @@ TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
 
 def ts(seconds: int, nanos: int = 0) -> Timestamp:
     return Timestamp(seconds=seconds, nanos=nanos)
-
-
-def request(start_s, end_s, window="1h", aggregation="AVG", asset_id="", **kw):
-    return TimeSeriesRequest(
-        start=ts(start_s),
-        end=ts(end_s),
-        window=window,
-        aggregation=aggregation,
-        asset_id=asset_id,
-        **kw,
-    )
-
-
-def points_of(response):
-    return [(p.time.seconds, p.value) for p in response.data]
-
-
-def status_of(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 @pytest.mark.parametrize("window", ["1m", "5m", "15m", "1h", "1d"])
@@ -242,16 +235,9 @@ def test_deadline_cancels_the_database_query(service, dsn, call, statement):
 def test_grpcurl_list_describe_and_query(service, grpcurl):
     service.repository.upsert_points(ASSET, series(T0, 8))
 
-    def run(*args: str) -> str:
-        result = subprocess.run(
-            [grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    listed = run(service.address, "list").split()
+    listed = run_grpcurl(grpcurl, service.address, "list").split()
     assert "edgecom.TimeSeriesService" in listed and "grpc.health.v1.Health" in listed
-    described = run(service.address, "describe", "edgecom.TimeSeriesService")
+    described = run_grpcurl(grpcurl, service.address, "describe", "edgecom.TimeSeriesService")
     assert "rpc QueryTimeSeries ( .edgecom.TimeSeriesRequest )" in described
     body = json.dumps(
         {
@@ -262,32 +248,15 @@ def test_grpcurl_list_describe_and_query(service, grpcurl):
         }
     )
     answer = json.loads(
-        run("-d", body, service.address, "edgecom.TimeSeriesService/QueryTimeSeries")
+        run_grpcurl(
+            grpcurl, "-d", body, service.address, "edgecom.TimeSeriesService/QueryTimeSeries"
+        )
     )
     expected = reference(series(T0, 8), T0, T0 + 7200, 3600, "MAX")
     assert [(p["time"], p["value"]) for p in answer["data"]] == [
         ("2023-11-15T00:00:00Z", expected[0][1]),
         ("2023-11-15T01:00:00Z", expected[1][1]),
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_env(dsn: str, port: int, **overrides: str) -> dict[str, str]:
-    """Environment for running edgecom.py on `dsn` and loopback `port`, logging JSON."""
-    return {
-        **os.environ,
-        "EDGECOM_DATABASE_URL": dsn,
-        "EDGECOM_SERVER_HOST": "127.0.0.1",
-        "EDGECOM_SERVER_PORT": str(port),
-        "EDGECOM_METRICS_PORT": "0",
-        "EDGECOM_LOGGING_FORMAT": "json",
-        **overrides,
-    }
 
 
 def test_process_serves_and_stops_gracefully_on_sigterm(dsn, tmp_path):
@@ -325,6 +294,7 @@ def test_process_serves_and_stops_gracefully_on_sigterm(dsn, tmp_path):
     assert not (tmp_path / ".edgecom").exists(), "with a database URL, nothing embedded starts"
 
 
+@pytest.mark.slow
 def test_demo_bootstraps_two_years_and_answers_with_the_simulators_data(dsn, grpcurl):
     port = free_port()
     # The test polls ListAssets far faster than a client would.
@@ -369,21 +339,10 @@ def test_demo_bootstraps_two_years_and_answers_with_the_simulators_data(dsn, grp
                 "asset_id": edgecom.DEMO_ASSETS[1],
             }
         )
-        result = subprocess.run(
-            [
-                grpcurl,
-                "-plaintext",
-                "-d",
-                body,
-                f"127.0.0.1:{port}",
-                "edgecom.TimeSeriesService/QueryTimeSeries",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
+        output = run_grpcurl(
+            grpcurl, "-d", body, f"127.0.0.1:{port}", "edgecom.TimeSeriesService/QueryTimeSeries"
         )
-        answer = json.loads(result.stdout)["data"]
+        answer = json.loads(output)["data"]
         assert len(answer) == 30
         got = [(p["time"], p["value"]) for p in answer]
         want = [(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)), v) for t, v in expected]

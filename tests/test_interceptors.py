@@ -3,7 +3,6 @@
 import contextlib
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import threading
@@ -589,17 +588,11 @@ def test_no_tokens_lets_every_call_through() -> None:
         AuthInterceptor(["", TOKEN])
 
 
-def _grpcurl() -> str:
-    found = shutil.which("grpcurl") or str(Path(sys.prefix) / "bin" / "grpcurl")
-    assert Path(found).exists(), "grpcurl is installed with the dev dependencies (uv sync)"
-    return found
-
-
-def test_grpcurl_with_a_bearer_token() -> None:
+def test_grpcurl_with_a_bearer_token(grpcurl: str) -> None:
     body = json.dumps({"asset_id": "a", "window": "1h", "aggregation": "AVG"})
     with _serve([AuthInterceptor([TOKEN])]) as client:
         # Without -proto grpcurl learns the schema by reflection, which must stay open.
-        command = [_grpcurl(), "-plaintext", "-d", body]
+        command = [grpcurl, "-plaintext", "-d", body]
         target = [f"127.0.0.1:{client.port}", "edgecom.TimeSeriesService/QueryTimeSeries"]
         accepted = subprocess.run(
             [*command, "-H", f"authorization: Bearer {TOKEN}", *target],

@@ -10,7 +10,6 @@ import functools
 import gc
 import json
 import math
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -21,11 +20,21 @@ from zoneinfo import ZoneInfo
 import grpc
 import psycopg
 import pytest
-from conftest import ASSET, OTHER_ASSET, RunningService, fresh_database, wait_for
+from conftest import (
+    ASSET,
+    OTHER_ASSET,
+    RunningService,
+    fresh_database,
+    insert_quarter_hours,
+    request,
+    run_grpcurl,
+    series,
+    status_of,
+    wait_for,
+)
+from conftest import reference as original_reference
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
-from test_repository import reference as original_reference
-from test_repository import series
 
 import edgecom
 from config import AuthConfig, Config, RateLimitConfig, UpstreamConfig
@@ -102,11 +111,19 @@ def combine(aggregation: str, points: list[tuple[int, float]]) -> float:
 
 def reference(points, start_s, end_s, window, aggregation, zone=UTC):
     """(bucket start, value, count) of each non-empty bucket, ascending."""
+    buckets = grouped(tuple(points), start_s, end_s, window, zone)
+    return [(b, combine(aggregation, pts), len(pts)) for b, pts in buckets]
+
+
+@functools.lru_cache(maxsize=32)
+def grouped(points: tuple, start_s: int, end_s: int, window: str, zone) -> tuple:
+    """The points in [start_s, end_s) by bucket, ascending: computed once for every
+    aggregation and test that asks about the same series and layout."""
     buckets: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for t, v in points:
         if start_s <= t < end_s:
             buckets[bucket_of(t, zone, window)].append((t, v))
-    return [(b, combine(aggregation, pts), len(pts)) for b, pts in sorted(buckets.items())]
+    return tuple(sorted(buckets.items()))
 
 
 def reference_filled(points, start_s, end_s, window, aggregation, fill, zone=UTC, now=None):
@@ -160,16 +177,6 @@ def assert_same(actual, expected):
 # --- helpers --------------------------------------------------------------------------------
 
 
-def request(start_s, end_s, window="1h", aggregation="AVG", **fields):
-    return TimeSeriesRequest(
-        start=Timestamp(seconds=start_s),
-        end=Timestamp(seconds=end_s),
-        window=window,
-        aggregation=aggregation,
-        **fields,
-    )
-
-
 def triples(data) -> list[tuple[int, float, int]]:
     return [(p.time.seconds, p.value, p.count) for p in data]
 
@@ -183,12 +190,6 @@ def stream(service, *args, **fields):
     return [point for page in pages for point in triples(page.data)], [
         len(page.data) for page in pages
     ]
-
-
-def status_of(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 def year_of_quarter_hours() -> list[tuple[int, float]]:
@@ -207,8 +208,8 @@ def module_dsn(server_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def year() -> list[tuple[int, float]]:
-    return year_of_quarter_hours()
+def year() -> tuple[tuple[int, float], ...]:
+    return tuple(year_of_quarter_hours())
 
 
 @pytest.fixture(scope="module")
@@ -851,17 +852,12 @@ def _rss_bytes() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
+@pytest.mark.slow
 def test_ten_years_stream_with_flat_server_memory(repository, dsn, capsys):
     count = 350_640  # ten years of quarter-hours
     start_s = 1_420_070_400  # 2015-01-01T00:00:00Z
     # Written by the database itself, so that loading leaves nothing in this process's heap.
-    with psycopg.connect(dsn) as conn:
-        conn.execute(
-            "INSERT INTO points (asset_id, time, value)"
-            " SELECT %s, to_timestamp(%s + i * %s), sin(i * 0.37) * 500"
-            " FROM generate_series(0, %s - 1) AS i",
-            (ASSET, start_s, QUARTER, count),
-        )
+    insert_quarter_hours(dsn, start_s, count)
     running = RunningService(repository, assets=(ASSET,), max_points=100000)
     try:
         end_s = start_s + count * QUARTER
@@ -910,21 +906,14 @@ def test_readme_monthly_energy_query_with_grpcurl(year_service, year, grpcurl):
         "aggregation": "SUM",
         "timezone": "Europe/Berlin",
     }
-    result = subprocess.run(
-        [
-            grpcurl,
-            "-plaintext",
-            "-d",
-            json.dumps(body),
-            year_service.address,
-            "edgecom.TimeSeriesService/QueryTimeSeries",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+    output = run_grpcurl(
+        grpcurl,
+        "-d",
+        json.dumps(body),
+        year_service.address,
+        "edgecom.TimeSeriesService/QueryTimeSeries",
     )
-    answer = json.loads(result.stdout)["data"]
+    answer = json.loads(output)["data"]
     assert [p["time"] for p in answer[:4]] == [
         "2023-12-31T23:00:00Z",
         "2024-01-31T23:00:00Z",
@@ -938,21 +927,14 @@ def test_readme_monthly_energy_query_with_grpcurl(year_service, year, grpcurl):
     start_s, end_s = YEAR_START - HOUR, YEAR_END - HOUR
     expected = reference(year, start_s, end_s, "1mo", "SUM", ZoneInfo("Europe/Berlin"))
     assert [p["value"] for p in answer] == pytest.approx([v for _, v, _ in expected], rel=1e-9)
-    streamed = subprocess.run(
-        [
-            grpcurl,
-            "-plaintext",
-            "-d",
-            json.dumps({**body, "window": "1d", "fill": "zero"}),
-            year_service.address,
-            "edgecom.TimeSeriesService/StreamTimeSeries",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+    streamed = run_grpcurl(
+        grpcurl,
+        "-d",
+        json.dumps({**body, "window": "1d", "fill": "zero"}),
+        year_service.address,
+        "edgecom.TimeSeriesService/StreamTimeSeries",
     )
-    assert streamed.stdout.count('"time"') == 366
+    assert streamed.count('"time"') == 366
 
 
 # --- streams cannot starve queries or ingestion ----------------------------------------------
@@ -969,13 +951,7 @@ def long_dsn(server_dsn: str) -> Iterator[str]:
     with fresh_database(server_dsn) as database:
         with Repository(dsn=database, max_connections=1) as repo:
             repo.migrate()
-        with psycopg.connect(database) as conn:
-            conn.execute(
-                "INSERT INTO points (asset_id, time, value)"
-                " SELECT %s, to_timestamp(%s + i * %s), sin(i * 0.37) * 500"
-                " FROM generate_series(0, %s - 1) AS i",
-                (ASSET, LONG_START, QUARTER, LONG_COUNT),
-            )
+        insert_quarter_hours(database, LONG_START, LONG_COUNT)
         yield database
 
 

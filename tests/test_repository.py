@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
 from contextlib import ExitStack
 
 import psycopg
 import pytest
-from conftest import ASSET, OTHER_ASSET, ROOT, wait_for
+from conftest import ASSET, DAY, OTHER_ASSET, ROOT, T0, assert_same, reference, series, wait_for
 
 from repository import (
     MIGRATIONS_DIR,
@@ -22,30 +20,7 @@ from repository import (
     Repository,
 )
 
-DAY = 86400
-T0 = 1_700_006_400  # 2023-11-15T00:00:00Z, a UTC midnight
 MIGRATIONS = sorted(path.name for path in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
-
-
-def reference(points, start_s, end_s, window_s, aggregation):
-    """Bucketed aggregation computed in plain Python, the way the service must do it."""
-    buckets: dict[int, list[float]] = defaultdict(list)
-    for t, v in points:
-        if start_s <= t < end_s:
-            buckets[t // window_s * window_s].append(v)
-    combine = {
-        "MIN": min,
-        "MAX": max,
-        "SUM": math.fsum,
-        "AVG": lambda values: math.fsum(values) / len(values),
-    }[aggregation]
-    return [(b, combine(values)) for b, values in sorted(buckets.items())]
-
-
-def assert_same(actual, expected):
-    assert [t for t, _ in actual] == [t for t, _ in expected]
-    for (t, got), (_, want) in zip(actual, expected, strict=True):
-        assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9), (t, got, want)
 
 
 def query(repo, start_s, end_s, window_s, aggregation, asset_id=ASSET, limit=1_000_000):
@@ -59,13 +34,7 @@ def query(repo, start_s, end_s, window_s, aggregation, asset_id=ASSET, limit=1_0
     )
 
 
-def series(start_s, count, step_s=900, seed=1):
-    """A deterministic series with negative and positive values."""
-    return [
-        (start_s + i * step_s, round(math.sin(i * 0.37 + seed) * 500 - 40, 3)) for i in range(count)
-    ]
-
-
+@pytest.mark.fresh_database
 def test_migrations_applied_twice_are_a_no_op(dsn):
     with Repository(dsn=dsn) as repo:
         first = repo.migrate()
@@ -74,6 +43,7 @@ def test_migrations_applied_twice_are_a_no_op(dsn):
     assert second == []
 
 
+@pytest.mark.fresh_database
 def test_two_processes_migrating_at_once_both_succeed(dsn):
     script = (
         "import sys; sys.path.insert(0, sys.argv[2]);"
@@ -155,6 +125,7 @@ def test_empty_range_returns_nothing(repository):
     assert query(repository, T0, T0 + DAY, 3600, "AVG", asset_id=OTHER_ASSET) == []
 
 
+@pytest.mark.slow
 def test_two_years_of_quarter_hours(repository):
     count = 2 * 365 * 96
     points = series(T0, count)

@@ -229,6 +229,7 @@ def test_chunk_ending_now_stores_what_exists_and_the_next_run_adds_the_rest(
 # -- bootstrap -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_year_bootstrap_stores_exactly_the_upstream_series(make_ingestor, sim, repository, dsn):
     recorder = Recorder()
     ingestor = make_ingestor(bootstrap_s=730 * DAY, chunk_s=7 * DAY, observer=recorder)
@@ -258,6 +259,7 @@ def test_two_year_bootstrap_stores_exactly_the_upstream_series(make_ingestor, si
     assert buckets == sim.points(ASSET, start, end)
 
 
+@pytest.mark.slow
 def test_bootstrap_under_faults_is_exact_within_a_few_runs(
     make_ingestor, make_client, sim, repository, dsn
 ):
@@ -386,6 +388,7 @@ def test_upstream_outage_of_hours_is_filled_after_recovery(
         assert status.last_error is None
 
 
+@pytest.mark.fresh_database
 def test_database_outage_is_filled_after_recovery(make_client, sim, clock, dsn, server_dsn):
     name = conninfo_to_dict(dsn)["dbname"]
 

@@ -4,7 +4,6 @@ request logs and graceful shutdown, with real clients on loopback."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,151 +18,35 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from conftest import ASSET, ROOT, RunningService, wait_for
+from conftest import (
+    ASSET,
+    DAY,
+    ROOT,
+    SERVING,
+    T0,
+    RunningService,
+    ServiceProcess,
+    free_port,
+    insert_quarter_hours,
+    points_of,
+    request,
+    service_env,
+    status_of,
+    wait_for,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from test_edgecom import free_port, points_of, request, status_of
-from test_repository import DAY, T0
 
 import edgecom
 from config import CacheConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
 from metrics import Metrics
 from repository import LISTENER_APPLICATION_NAME
-from simulator import Faults, Simulator
+from simulator import Simulator
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
-# Generous: a process needs a couple of seconds to import grpc and compile the proto.
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
-
-
-class ServiceProcess:
-    """`python edgecom.py` configured by EDGECOM_* variables, logging JSON lines to a file.
-
-    The gRPC port is 0 and read back from the "serving" log line, so parallel test runs never
-    compete for a port.
-    """
-
-    def __init__(self, log_path: Path, env: dict[str, str]) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        self._channels: list[grpc.Channel] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "edgecom.py")],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-            cwd=log_path.parent,
-        )
-        self.address = ""
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every JSON log line written so far, in order."""
-        # The last piece is empty, or a line still being written.
-        lines = self.log_path.read_text().split("\n")[:-1]
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    def log_text(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_serving(self, credentials: grpc.ChannelCredentials | None = None) -> None:
-        """Block until the process listens and its health check says SERVING."""
-
-        def listening() -> bool:
-            assert self.proc.poll() is None, f"edgecom exited early:\n{self.log_text()}"
-            return any(r["message"] == "serving" for r in self.records())
-
-        assert wait_for(listening, timeout_s=START_TIMEOUT_S), self.log_text()
-        [serving] = [r for r in self.records() if r["message"] == "serving"]
-        self.address = serving["address"]
-        health_stub = health_pb2_grpc.HealthStub(self.channel(credentials))
-
-        def healthy() -> bool:
-            try:
-                reply = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.RpcError:
-                return False
-            return reply.status == SERVING
-
-        assert wait_for(healthy, timeout_s=START_TIMEOUT_S), self.log_text()
-
-    def channel(self, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
-        """A new channel to the service, closed with the process."""
-        if credentials is None:
-            channel = grpc.insecure_channel(self.address)
-        else:
-            channel = grpc.secure_channel(self.address, credentials)
-        self._channels.append(channel)
-        return channel
-
-    def stub(self, credentials: grpc.ChannelCredentials | None = None) -> Any:
-        return edgecom.services.TimeSeriesServiceStub(self.channel(credentials))
-
-    def close(self) -> None:
-        """Stop the process as an orchestrator would: SIGTERM, then SIGKILL if it hangs."""
-        for channel in self._channels:
-            channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def service_env(**overrides: str) -> dict[str, str]:
-    """The environment of a service process: ours without EDGECOM_* settings, plus overrides."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("EDGECOM_")}
-    return {**env, **overrides}
-
-
-@pytest.fixture
-def upstream() -> Iterator[Simulator]:
-    """An upstream that knows no asset: ingestion writes nothing, so only the test does.
-
-    Every write to an asset stops the caching of that asset's queries running meanwhile,
-    so writes by ingestion would make cache hits and misses depend on timing.
-    """
-    with Simulator(faults=Faults(not_found_assets={ASSET})) as sim:
-        yield sim
-
-
-@pytest.fixture
-def start_service(
-    dsn: str, tmp_path: Path, upstream: Simulator
-) -> Iterator[Callable[..., ServiceProcess]]:
-    """Start service processes on the test's database; all are stopped after the test.
-
-    Ingestion asks `upstream` for one hour and gets nothing, and nothing is rate limited,
-    unless the overrides say otherwise.
-    """
-    started: list[ServiceProcess] = []
-
-    def start(name: str = "edgecom", **overrides: str) -> ServiceProcess:
-        defaults = {
-            "EDGECOM_DATABASE_URL": dsn,
-            "EDGECOM_SERVER_HOST": "127.0.0.1",
-            "EDGECOM_SERVER_PORT": "0",
-            "EDGECOM_METRICS_PORT": "0",
-            "EDGECOM_LOGGING_FORMAT": "json",
-            "EDGECOM_UPSTREAM_URL": upstream.url_template,
-            "EDGECOM_UPSTREAM_BOOTSTRAP": "1h",
-            "EDGECOM_RATE_LIMIT_RPS": "0",
-        }
-        env = service_env(**{**defaults, **overrides})
-        service = ServiceProcess(tmp_path / f"{name}.log", env)
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.close()
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -450,10 +333,11 @@ def run_until_exit(tmp_path: Path, **overrides: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
-def test_a_missing_tls_file_stops_start_up_with_one_clear_line(pki, tmp_path, key):
+def test_a_missing_tls_file_stops_start_up_with_one_clear_line(
+    pki, tmp_path, key, stopped_at_start_up
+):
     missing = str(tmp_path / "nowhere.pem")
-    result = run_until_exit(
-        tmp_path,
+    result = stopped_at_start_up(
         **{**tls_env(pki, client_ca=True), f"EDGECOM_SERVER_TLS_{key.upper()}": missing},
     )
     assert result.returncode == 2, result.stderr
@@ -464,11 +348,12 @@ def test_a_missing_tls_file_stops_start_up_with_one_clear_line(pki, tmp_path, ke
 
 
 @pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
-def test_a_tls_file_without_pem_content_stops_start_up_with_one_clear_line(pki, tmp_path, key):
+def test_a_tls_file_without_pem_content_stops_start_up_with_one_clear_line(
+    pki, tmp_path, key, stopped_at_start_up
+):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
-    result = run_until_exit(
-        tmp_path,
+    result = stopped_at_start_up(
         **{**tls_env(pki, client_ca=True), f"EDGECOM_SERVER_TLS_{key.upper()}": str(garbage)},
     )
     assert result.returncode == 2, result.stderr
@@ -743,17 +628,6 @@ def test_an_open_health_watch_does_not_hold_the_exit(start_service):
 
 QUARTER = 900
 ANSWER_POINTS = 1500  # about 31 KB serialized: 32 fit in a 1 MiB cache
-
-
-def insert_quarter_hours(dsn: str, start_s: int, count: int) -> None:
-    """Store count quarter-hour points of ASSET from start_s, written by the database itself."""
-    with psycopg.connect(dsn) as conn:
-        conn.execute(
-            "INSERT INTO points (asset_id, time, value)"
-            " SELECT %s, to_timestamp(%s + i * %s), sin(i * 0.37) * 500"
-            " FROM generate_series(0, %s - 1) AS i",
-            (ASSET, start_s, QUARTER, count),
-        )
 
 
 def test_many_distinct_large_answers_keep_the_cache_within_its_byte_bound(repository, dsn):

@@ -9,18 +9,19 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from conftest import ASSET, OTHER_ASSET
+from conftest import ASSET, DAY, OTHER_ASSET, T0, series
 
 from repository import AGGREGATIONS, Repository
 
-DAY = 86400
-T0 = 1_700_006_400  # 2023-11-15T00:00:00Z, a UTC midnight
 # Data tests start 40 days before T0 and run 75 days, so they span at least three of the
 # 30-day chunks. Their policy compresses nothing (100 years), so the background job never
 # competes with the test's own compress_chunk calls.
 START = T0 - 40 * DAY
 QUARTER_HOURS = 75 * 96
 NEVER_S = 100 * 365 * DAY
+
+# Storage policies and extension state belong to a database: each test gets its own.
+pytestmark = pytest.mark.fresh_database
 
 
 @pytest.fixture(scope="session")
@@ -113,13 +114,6 @@ def schema_state(dsn: str) -> dict[str, list[tuple]]:
                 "SELECT * FROM timescaledb_information.compression_settings ORDER BY 1, 2, 3"
             ).fetchall()
     return state
-
-
-def series(start_s: int, count: int, step_s: int = 900, seed: int = 1) -> list[tuple[int, float]]:
-    """A deterministic series with negative and positive values."""
-    return [
-        (start_s + i * step_s, round(math.sin(i * 0.37 + seed) * 500 - 40, 3)) for i in range(count)
-    ]
 
 
 def query(repo, start_s, end_s, window_s, aggregation, asset_id=ASSET):
