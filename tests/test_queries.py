@@ -827,9 +827,12 @@ def test_stream_passes_auth_rate_limit_metrics_and_log_but_not_the_cache(reposit
         code, _ = status_of(lambda: list(running.stub.StreamTimeSeries(req)))
         assert code == grpc.StatusCode.UNAUTHENTICATED
         token = (("authorization", "Bearer s3cret"),)
+        # By request id: the refused call's line may land late, while INFO is captured.
+        ids = [f"stream-{i}" for i in range(3)]
         with caplog.at_level("INFO", logger="interceptors"):
-            for _ in range(3):
-                pages = list(running.stub.StreamTimeSeries(req, metadata=token))
+            for request_id in ids:
+                metadata = (*token, ("x-request-id", request_id))
+                pages = list(running.stub.StreamTimeSeries(req, metadata=metadata))
                 assert sum(len(page.data) for page in pages) == 24
         code, details = status_of(lambda: list(running.stub.StreamTimeSeries(req, metadata=token)))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in details
@@ -837,7 +840,8 @@ def test_stream_passes_auth_rate_limit_metrics_and_log_but_not_the_cache(reposit
         sample = metrics.registry.get_sample_value
         assert sample("edgecom_grpc_requests_total", {"method": method, "code": "OK"}) == 3
         assert sample("edgecom_grpc_request_duration_seconds_count", {"method": method}) == 5
-        lines = [r for r in caplog.records if getattr(r, "method", None) == method]
+        lines = [r for r in caplog.records if getattr(r, "request_id", None) in ids]
+        assert all(r.method == method for r in lines)
         assert [(r.code, r.points, r.cache) for r in lines] == [("OK", 24, None)] * 3
         assert len(cache) == 0
     finally:
