@@ -827,35 +827,6 @@ class Repository:
         except psycopg.errors.QueryCanceled as exc:
             raise QueryCancelled(str(exc).strip()) from exc
 
-    def query_buckets(
-        self,
-        *,
-        asset_id: str,
-        start_s: int,
-        end_s: int,
-        window_s: int,
-        aggregation: str,
-        limit: int,
-        timeout_s: float | None = None,
-        cancellation: Cancellation | None = None,
-    ) -> list[tuple[int, float]]:
-        """Aggregate the points in [start_s, end_s) into epoch-aligned buckets of window_s.
-
-        Returns (bucket start in Unix seconds, value) pairs in ascending order, at most
-        `limit` of them; empty buckets are omitted. Blocks; `timeout_s` bounds the database
-        work and `cancellation` lets another thread stop it.
-        """
-        with self.snapshot(timeout_s=timeout_s, cancellation=cancellation) as snapshot:
-            rows = snapshot.buckets(
-                asset_id=asset_id,
-                start_s=start_s,
-                end_s=end_s,
-                grid=BucketGrid(window_s=window_s),
-                aggregation=aggregation,
-                limit=limit,
-            )
-            return [(bucket, value) for bucket, value, _ in rows]
-
 
 class ChangeListener:
     """LISTENs on NOTIFY_CHANNEL on its own connection and reports point changes.

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _harness import server_dsn as server_dsn_or_embedded
 
 import edgecom
-from repository import Repository
+from repository import BucketGrid, Repository
 
 STEP_S = 900
 TWO_YEARS = 730 * 96
@@ -80,14 +80,17 @@ def query_time(dsn: str, asset: str, window_s: int, repeat: int) -> float:
     with Repository(dsn=dsn, max_connections=2) as repo:
 
         def two_years() -> object:
-            return repo.query_buckets(
-                asset_id=asset,
-                start_s=T0,
-                end_s=T0 + TWO_YEARS * STEP_S,
-                window_s=window_s,
-                aggregation="AVG",
-                limit=200_000,
-            )
+            with repo.snapshot() as snapshot:
+                return list(
+                    snapshot.buckets(
+                        asset_id=asset,
+                        start_s=T0,
+                        end_s=T0 + TWO_YEARS * STEP_S,
+                        grid=BucketGrid(window_s=window_s),
+                        aggregation="AVG",
+                        limit=200_000,
+                    )
+                )
 
         two_years()  # warm the cache
         return best_of(repeat, two_years)

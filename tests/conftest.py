@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from psycopg.conninfo import make_conninfo
 
 import edgecom
-from repository import EmbeddedPostgres, Repository
+from repository import BucketGrid, Cancellation, EmbeddedPostgres, Repository
 from service import MAX_STREAMS, PAGE_POINTS, STREAM_IDLE_TIMEOUT_S
 from simulator import Faults, Simulator
 
@@ -467,3 +467,41 @@ def stopped_at_start_up(
         return subprocess.CompletedProcess(["edgecom.py"], code, captured.out, captured.err)
 
     return run
+
+
+def query_buckets(
+    repo: Repository,
+    *,
+    asset_id: str,
+    start_s: int,
+    end_s: int,
+    window_s: int,
+    aggregation: str,
+    limit: int = 1_000_000,
+    timeout_s: float | None = None,
+    cancellation: Cancellation | None = None,
+) -> list[tuple[int, float]]:
+    """(bucket start, value) of the epoch-aligned buckets of window_s in [start_s, end_s)."""
+    with repo.snapshot(timeout_s=timeout_s, cancellation=cancellation) as snapshot:
+        rows = snapshot.buckets(
+            asset_id=asset_id,
+            start_s=start_s,
+            end_s=end_s,
+            grid=BucketGrid(window_s=window_s),
+            aggregation=aggregation,
+            limit=limit,
+        )
+        return [(bucket, value) for bucket, value, _ in rows]
+
+
+def query(repo: Repository, start_s, end_s, window_s, aggregation, asset_id=ASSET, limit=1_000_000):
+    """query_buckets() with positional arguments, for tests that compare many windows."""
+    return query_buckets(
+        repo,
+        asset_id=asset_id,
+        start_s=start_s,
+        end_s=end_s,
+        window_s=window_s,
+        aggregation=aggregation,
+        limit=limit,
+    )

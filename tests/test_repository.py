@@ -10,7 +10,19 @@ from contextlib import ExitStack
 
 import psycopg
 import pytest
-from conftest import ASSET, DAY, OTHER_ASSET, ROOT, T0, assert_same, reference, series, wait_for
+from conftest import (
+    ASSET,
+    DAY,
+    OTHER_ASSET,
+    ROOT,
+    T0,
+    assert_same,
+    query,
+    query_buckets,
+    reference,
+    series,
+    wait_for,
+)
 
 from repository import (
     MIGRATIONS_DIR,
@@ -21,17 +33,6 @@ from repository import (
 )
 
 MIGRATIONS = sorted(path.name for path in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
-
-
-def query(repo, start_s, end_s, window_s, aggregation, asset_id=ASSET, limit=1_000_000):
-    return repo.query_buckets(
-        asset_id=asset_id,
-        start_s=start_s,
-        end_s=end_s,
-        window_s=window_s,
-        aggregation=aggregation,
-        limit=limit,
-    )
 
 
 @pytest.mark.fresh_database
@@ -170,7 +171,8 @@ def test_timeout_cancels_the_database_work(repository, dsn):
         blocker.execute("LOCK TABLE points IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()
         with pytest.raises(QueryCancelled):
-            repository.query_buckets(
+            query_buckets(
+                repository,
                 asset_id=ASSET,
                 start_s=T0,
                 end_s=T0 + DAY,
@@ -191,8 +193,8 @@ def test_cancellation_from_another_thread_stops_the_query(repository, dsn):
     def run() -> None:
         try:
             query_kwargs = dict(asset_id=ASSET, start_s=T0, end_s=T0 + DAY, window_s=900)
-            repository.query_buckets(
-                **query_kwargs, aggregation="SUM", limit=10, cancellation=cancellation
+            query_buckets(
+                repository, **query_kwargs, aggregation="SUM", limit=10, cancellation=cancellation
             )
         except BaseException as exc:
             errors.append(exc)

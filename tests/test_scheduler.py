@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import ASSET, OTHER_ASSET, wait_for
+from conftest import ASSET, OTHER_ASSET, query_buckets, wait_for
 from psycopg.conninfo import conninfo_to_dict
 
 from api_client import ApiClient
@@ -248,7 +248,8 @@ def test_two_year_bootstrap_stores_exactly_the_upstream_series(make_ingestor, si
         assert status.last_error is None and status.last_success_s is not None
     assert sorted(recorder.synced) == sorted([(ASSET, True, 1.0), (OTHER_ASSET, True, 1.0)])
     # The bucketed query the service answers from sees the same series.
-    buckets = repository.query_buckets(
+    buckets = query_buckets(
+        repository,
         asset_id=ASSET,
         start_s=start,
         end_s=end,

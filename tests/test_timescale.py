@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from conftest import ASSET, DAY, OTHER_ASSET, T0, series
+from conftest import ASSET, DAY, OTHER_ASSET, T0, query, series
 
 from repository import AGGREGATIONS, Repository
 
@@ -114,17 +114,6 @@ def schema_state(dsn: str) -> dict[str, list[tuple]]:
                 "SELECT * FROM timescaledb_information.compression_settings ORDER BY 1, 2, 3"
             ).fetchall()
     return state
-
-
-def query(repo, start_s, end_s, window_s, aggregation, asset_id=ASSET):
-    return repo.query_buckets(
-        asset_id=asset_id,
-        start_s=start_s,
-        end_s=end_s,
-        window_s=window_s,
-        aggregation=aggregation,
-        limit=1_000_000,
-    )
 
 
 # --- Everywhere: plain PostgreSQL and TimescaleDB ---
