@@ -37,7 +37,7 @@ RUN uv sync --no-default-groups
 # ---------------------------------------------------------------------------
 FROM build AS test
 
-# tests/test_service.py makes its TLS certificates with the openssl command. The base
+# tests/test_edgecom_process.py makes its TLS certificates with the openssl command. The base
 # image has it only as a dependency of ca-certificates, so it is asked for by name.
 # Unpinned on purpose: the suite needs any openssl, and a pinned Debian revision would
 # stop building as soon as a security update replaces it in the archive.

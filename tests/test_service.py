@@ -1,884 +1,1045 @@
-"""The service as a process (`python edgecom.py`): cache across replicas, TLS, auth, metrics,
-request logs and graceful shutdown, with real clients on loopback."""
+"""Queries end to end: local calendar buckets across DST, fills, COUNT/FIRST/LAST, streaming.
+
+Expected answers come from references written here in plain Python with zoneinfo, apart
+from the code under test.
+"""
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
-import signal
-import socket
-import subprocess
-import sys
+import math
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import grpc
 import psycopg
 import pytest
 from conftest import (
     ASSET,
-    DAY,
-    ROOT,
-    SERVING,
-    T0,
+    OTHER_ASSET,
     RunningService,
-    ServiceProcess,
-    free_port,
+    fresh_database,
     insert_quarter_hours,
-    points_of,
     request,
-    service_env,
+    run_grpcurl,
+    series,
     status_of,
     wait_for,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import reference as original_reference
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 import edgecom
-from config import CacheConfig, Config, RateLimitConfig, UpstreamConfig
+from config import AuthConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
 from metrics import Metrics
-from repository import LISTENER_APPLICATION_NAME
-from simulator import Simulator
+from repository import ChangeListener, Repository
+from service import PAGE_POINTS, parse_bucket_window
 
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
+QUARTER = 900
+HOUR = 3600
+DAY = 86400
+AGGREGATIONS = ("MIN", "MAX", "AVG", "SUM", "COUNT", "FIRST", "LAST")
+YEAR_START = 1_704_067_200  # 2024-01-01T00:00:00Z
+YEAR_END = 1_735_689_600  # 2025-01-01T00:00:00Z
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The samples served at /metrics, keyed by (sample name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+# --- references -----------------------------------------------------------------------------
+
+
+def utc_seconds(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
+
+
+@functools.cache
+def first_instant(day: date, zone) -> int:
+    """The first instant of a local day: midnight, or the end of a DST jump over midnight."""
+    t = int(datetime(day.year, day.month, day.day, tzinfo=zone).timestamp())
+    local = datetime.fromtimestamp(t, zone)
+    if local.date() == day and (local.hour, local.minute) == (0, 0):
+        return t
+    # Midnight does not exist: walk a minute at a time to the first one of the day.
+    t -= 4 * HOUR
+    while datetime.fromtimestamp(t, zone).date() < day:
+        t += 60
+    return t
+
+
+def bucket_of(t: int, zone, window: str) -> int:
+    """Start of the bucket holding instant t, by the rules in the README."""
+    day = datetime.fromtimestamp(t, zone).date()
+    if window.endswith("mo"):
+        n = int(window[:-2])
+        months = (day.year - 1970) * 12 + day.month - 1
+        first = months // n * n
+        return first_instant(date(1970 + first // 12, first % 12 + 1, 1), zone)
+    if window.endswith("w"):
+        n = int(window[:-1])
+        weeks = (day - date(1970, 1, 5)).days // 7
+        return first_instant(date(1970, 1, 5) + timedelta(weeks=weeks // n * n), zone)
+    seconds = int(window[:-1]) * {"m": 60, "h": HOUR, "d": DAY}[window[-1]]
+    if zone is UTC:
+        return t // seconds * seconds  # the original buckets, aligned to the epoch
+    if seconds % DAY == 0:
+        n = seconds // DAY
+        days = (day - date(1970, 1, 1)).days
+        return first_instant(date(1970, 1, 1) + timedelta(days=days // n * n), zone)
+    day_start = first_instant(day, zone)
+    return day_start + (t - day_start) // seconds * seconds
+
+
+def combine(aggregation: str, points: list[tuple[int, float]]) -> float:
+    values = [v for _, v in points]
     return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+        "MIN": lambda: min(values),
+        "MAX": lambda: max(values),
+        "SUM": lambda: math.fsum(values),
+        "AVG": lambda: math.fsum(values) / len(values),
+        "COUNT": lambda: float(len(values)),
+        "FIRST": lambda: min(points)[1],
+        "LAST": lambda: max(points)[1],
+    }[aggregation]()
 
 
-def listening_replicas(dsn: str) -> int:
-    """How many change listeners have LISTEN active on the test's database."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name = %s AND query LIKE 'LISTEN%%'",
-            (LISTENER_APPLICATION_NAME,),
-        ).fetchone()[0]
+def reference(points, start_s, end_s, window, aggregation, zone=UTC):
+    """(bucket start, value, count) of each non-empty bucket, ascending."""
+    buckets = grouped(tuple(points), start_s, end_s, window, zone)
+    return [(b, combine(aggregation, pts), len(pts)) for b, pts in buckets]
 
 
-def bucket_queries_waiting_for_a_lock(dsn: str) -> int:
-    """How many QueryTimeSeries statements on the test's database wait for a lock."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
-            " AND query LIKE '%%date_bin%%'"
-        ).fetchone()[0]
+@functools.lru_cache(maxsize=32)
+def grouped(points: tuple, start_s: int, end_s: int, window: str, zone) -> tuple:
+    """The points in [start_s, end_s) by bucket, ascending: computed once for every
+    aggregation and test that asks about the same series and layout."""
+    buckets: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for t, v in points:
+        if start_s <= t < end_s:
+            buckets[bucket_of(t, zone, window)].append((t, v))
+    return tuple(sorted(buckets.items()))
 
 
-def lock_points(dsn: str) -> psycopg.Connection:
-    """A connection whose open transaction holds points in ACCESS EXCLUSIVE mode.
-
-    Every query of points waits until the transaction ends (rollback() or close()).
-    """
-    blocker = psycopg.connect(dsn)
-    blocker.execute("LOCK TABLE points IN ACCESS EXCLUSIVE MODE")
-    return blocker
-
-
-# --- cache across replicas ----------------------------------------------------------------
-
-
-def test_replicas_drop_cached_answers_that_a_write_anywhere_makes_stale(
-    start_service, repository, dsn
-):
-    repository.upsert_points(ASSET, [(T0 + i * 900, float(i)) for i in range(24)])
-    metrics_port = free_port()
-    a = start_service("a")
-    b = start_service("b", EDGECOM_METRICS_PORT=str(metrics_port))
-    a.wait_serving()
-    b.wait_serving()
-    # A write is only heard by a replica that already LISTENs.
-    assert wait_for(lambda: listening_replicas(dsn) == 2, timeout_s=10)
-    stub_a, stub_b = a.stub(), b.stub()
-
-    def cache_counts() -> tuple[float, float]:
-        """B's cache hits and misses so far."""
-        samples = scrape(metrics_port)
-        hits = samples[("edgecom_cache_hits_total", ())]
-        return hits, samples[("edgecom_cache_misses_total", ())]
-
-    first_two_hours = request(T0, T0 + 7200, "1h", "SUM")
-    later_hour = request(T0 + 4 * 3600, T0 + 5 * 3600, "1h", "SUM")
-    expected = [(T0, 0.0 + 1 + 2 + 3), (T0 + 3600, 4.0 + 5 + 6 + 7)]
-    for stub in (stub_a, stub_b, stub_b):
-        assert points_of(stub.QueryTimeSeries(first_two_hours)) == expected
-    assert points_of(stub_b.QueryTimeSeries(later_hour)) == [(T0 + 4 * 3600, 16.0 + 17 + 18 + 19)]
-    assert cache_counts() == (1, 2)
-
-    # A hit does not touch the database: it answers while points is locked, when a query
-    # that is not cached waits for the lock until its deadline.
-    blocker = lock_points(dsn)
-    try:
-        assert points_of(stub_b.QueryTimeSeries(first_two_hours, timeout=30)) == expected
-        code, _ = status_of(
-            lambda: stub_b.QueryTimeSeries(request(T0, T0 + DAY, "1d", "SUM"), timeout=0.5)
-        )
-        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    finally:
-        blocker.close()
-    assert cache_counts() == (2, 3)
-
-    # A write through the path ingestion uses, as another replica's ingestion would make it,
-    # reaches both replicas' caches within a second.
-    repository.upsert_points(ASSET, [(T0 + 900, 100.0)])
-    changed = [(T0, 0.0 + 100 + 2 + 3), (T0 + 3600, 4.0 + 5 + 6 + 7)]
-    for stub in (stub_a, stub_b):
-        assert wait_for(
-            lambda stub=stub: points_of(stub.QueryTimeSeries(first_two_hours)) == changed,
-            timeout_s=1.0,
-        )
-
-    # A write outside a cached range leaves the entry alone. B answered the change from the
-    # database, but may have heard of the write only after storing that answer: ask until a
-    # hit shows the entry is back.
-    def b_answers_from_its_cache() -> bool:
-        hits = cache_counts()[0]
-        assert points_of(stub_b.QueryTimeSeries(first_two_hours)) == changed
-        return cache_counts()[0] == hits + 1
-
-    assert wait_for(b_answers_from_its_cache, timeout_s=5)
-    # Notifications arrive in commit order, so once B has dropped later_hour for the second
-    # write, it has seen the first.
-    repository.upsert_points(ASSET, [(T0 + 3 * 3600, 50.0)])
-    repository.upsert_points(ASSET, [(T0 + 4 * 3600, 50.0)])
-    assert wait_for(
-        lambda: (
-            points_of(stub_b.QueryTimeSeries(later_hour)) == [(T0 + 4 * 3600, 50.0 + 17 + 18 + 19)]
-        ),
-        timeout_s=1.0,
+def reference_filled(points, start_s, end_s, window, aggregation, fill, zone=UTC, now=None):
+    """The reference answer with empty buckets between start and end filled."""
+    known = reference(points, start_s, end_s, window, aggregation, zone)
+    if fill == "none":
+        return known
+    before = max(((t, v) for t, v in points if t < start_s), default=None)
+    after = min(((t, v) for t, v in points if t >= end_s), default=None)
+    fill_end = end_s
+    if now is not None and end_s > now and after is None:
+        stored = [t for t, _ in points if t < end_s]
+        fill_end = min(end_s, max(stored) + 1) if stored else start_s
+    # Every bucket holds a quarter-hour instant of the test zones, so scanning them finds all.
+    starts = sorted(
+        {bucket_of(t, zone, window) for t in range(start_s // QUARTER * QUARTER, fill_end, 60)}
+        | ({bucket_of(start_s, zone, window)} if start_s < fill_end else set())
     )
-    assert b_answers_from_its_cache()
+    starts = [b for b in starts if b < fill_end]
+    by_start = {b: (v, c) for b, v, c in known}
+    answer = []
+    for b in starts:
+        if b in by_start:
+            answer.append((b, *by_start[b]))
+            continue
+        earlier = [(k, v) for k, v, _ in known if k < b] or ([before] if before else [])
+        later = [(k, v) for k, v, _ in known if k > b] or ([after] if after else [])
+        if fill == "zero":
+            answer.append((b, 0.0, 0))
+        elif fill == "nan":
+            answer.append((b, math.nan, 0))
+        elif fill == "previous" and earlier:
+            answer.append((b, earlier[-1][1], 0))
+        elif fill == "linear" and earlier and later:
+            (t0, v0), (t1, v1) = earlier[-1], later[0]
+            share = min(1.0, max(0.0, (b - t0) / (t1 - t0)))
+            answer.append((b, v0 + (v1 - v0) * share, 0))
+    return answer
 
 
-def test_a_replica_whose_listener_is_down_answers_from_the_database(start_service, repository, dsn):
-    repository.upsert_points(ASSET, [(T0 + i * 900, float(i)) for i in range(8)])
-    service = start_service()
-    service.wait_serving()
-    assert wait_for(lambda: listening_replicas(dsn) == 1, timeout_s=10)
-    stub = service.stub()
-    query = request(T0, T0 + 3600, "1h", "SUM")
-    for _ in range(2):
-        assert points_of(stub.QueryTimeSeries(query)) == [(T0, 0.0 + 1 + 2 + 3)]
-
-    # Writes made while the listener is away are never heard of, so its cache cannot be
-    # trusted until it listens again.
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name = %s",
-            (LISTENER_APPLICATION_NAME,),
-        )
-
-    def listener_down() -> bool:
-        lost = "change listener lost its database connection; reconnecting"
-        return any(r["message"] == lost for r in service.records())
-
-    assert wait_for(listener_down, timeout_s=5), service.log_text()
-    repository.upsert_points(ASSET, [(T0, 100.0)])
-    assert points_of(stub.QueryTimeSeries(query)) == [(T0, 100.0 + 1 + 2 + 3)]
-
-    assert wait_for(lambda: listening_replicas(dsn) == 1, timeout_s=10)
-    repository.upsert_points(ASSET, [(T0, 200.0)])
-    assert wait_for(
-        lambda: points_of(stub.QueryTimeSeries(query)) == [(T0, 200.0 + 1 + 2 + 3)],
-        timeout_s=1.0,
-    )
-    queries = [r for r in service.records() if r.get("method") == edgecom.QUERY_METHOD]
-    assert [r["cache"] for r in queries[:2]] == ["miss", "hit"]
+def assert_same(actual, expected):
+    assert [t for t, _, _ in actual] == [t for t, _, _ in expected]
+    for (t, got, count), (_, want, want_count) in zip(actual, expected, strict=True):
+        assert count == want_count, (t, count, want_count)
+        if math.isnan(want):
+            assert math.isnan(got), (t, got)
+        else:
+            assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9), (t, got, want)
 
 
-# --- TLS ----------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------
 
 
-class Pki:
-    """A test CA with a server certificate for localhost/127.0.0.1 and a client certificate."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        self._openssl(
-            "req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=edgecom test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
-        extensions = {
-            "server": "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-            "client": "extendedKeyUsage=clientAuth\n",
-        }
-        for name, text in extensions.items():
-            (directory / f"{name}.ext").write_text(text)
-            self._openssl(
-                "req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN=edgecom test {name}",
-            )  # fmt: skip
-            self._openssl(
-                "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
-            )  # fmt: skip
-
-    def path(self, name: str) -> str:
-        return str(self.dir / name)
-
-    def read(self, name: str) -> bytes:
-        return (self.dir / name).read_bytes()
-
-    def _openssl(self, *args: str) -> None:
-        result = subprocess.run(
-            ["openssl", *args], cwd=self.dir, capture_output=True, text=True, timeout=60
-        )
-        assert result.returncode == 0, result.stderr
+def triples(data) -> list[tuple[int, float, int]]:
+    return [(p.time.seconds, p.value, p.count) for p in data]
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    assert subprocess.run(["openssl", "version"], capture_output=True).returncode == 0, (
-        "the openssl command is needed to make test certificates"
-    )
-    return Pki(tmp_path_factory.mktemp("pki"))
+def query(service, *args, **fields):
+    return triples(service.stub.QueryTimeSeries(request(*args, **fields)).data)
 
 
-def tls_env(pki: Pki, *, client_ca: bool = False) -> dict[str, str]:
-    env = {
-        "EDGECOM_SERVER_TLS_CERT_FILE": pki.path("server.pem"),
-        "EDGECOM_SERVER_TLS_KEY_FILE": pki.path("server.key"),
-    }
-    if client_ca:
-        env["EDGECOM_SERVER_TLS_CLIENT_CA_FILE"] = pki.path("ca.pem")
-    return env
-
-
-def health_status(channel: grpc.Channel) -> int:
-    stub = health_pb2_grpc.HealthStub(channel)
-    return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-
-
-def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(start_service, pki, grpcurl):
-    service = start_service(**tls_env(pki))
-    trusted = grpc.ssl_channel_credentials(root_certificates=pki.read("ca.pem"))
-    service.wait_serving(trusted)
-    assert list(service.stub(trusted).QueryTimeSeries(request(T0, T0 + DAY)).data) == []
-
-    code, _ = status_of(lambda: health_status(service.channel()))
-    assert code == grpc.StatusCode.UNAVAILABLE
-    # The system's trust store does not know the test CA.
-    code, _ = status_of(lambda: health_status(service.channel(grpc.ssl_channel_credentials())))
-    assert code == grpc.StatusCode.UNAVAILABLE
-
-    listed = subprocess.run(
-        [grpcurl, "-cacert", pki.path("ca.pem"), service.address, "list"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert listed.returncode == 0, listed.stderr
-    assert "edgecom.TimeSeriesService" in listed.stdout.split()
-
-
-def test_mutual_tls_requires_a_client_certificate_from_the_ca(start_service, pki, grpcurl):
-    service = start_service(**tls_env(pki, client_ca=True))
-    with_cert = grpc.ssl_channel_credentials(
-        root_certificates=pki.read("ca.pem"),
-        private_key=pki.read("client.key"),
-        certificate_chain=pki.read("client.pem"),
-    )
-    service.wait_serving(with_cert)
-    assert list(service.stub(with_cert).QueryTimeSeries(request(T0, T0 + DAY)).data) == []
-
-    without_cert = grpc.ssl_channel_credentials(root_certificates=pki.read("ca.pem"))
-    code, _ = status_of(lambda: health_status(service.channel(without_cert)))
-    assert code == grpc.StatusCode.UNAVAILABLE
-
-    # Only with a certificate: grpcurl without one redials until its 10 s connect timeout.
-    tls_flags = ["-cacert", pki.path("ca.pem")]
-    tls_flags += ["-cert", pki.path("client.pem"), "-key", pki.path("client.key")]
-    listed = subprocess.run(
-        [grpcurl, *tls_flags, service.address, "list"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert listed.returncode == 0, listed.stderr
-
-
-def run_until_exit(tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
-    """Run a service process expected to stop by itself at start-up."""
-    defaults = {
-        "EDGECOM_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
-        "EDGECOM_METRICS_PORT": "0",
-    }
-    return subprocess.run(
-        [sys.executable, str(ROOT / "edgecom.py")],
-        env=service_env(**{**defaults, **overrides}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-
-
-@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
-def test_a_missing_tls_file_stops_start_up_with_one_clear_line(
-    pki, tmp_path, key, stopped_at_start_up
-):
-    missing = str(tmp_path / "nowhere.pem")
-    result = stopped_at_start_up(
-        **{**tls_env(pki, client_ca=True), f"EDGECOM_SERVER_TLS_{key.upper()}": missing},
-    )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"edgecom: configuration error: server.tls.{key}: cannot read {missing}: "
-        "No such file or directory"
+def stream(service, *args, **fields):
+    pages = list(service.stub.StreamTimeSeries(request(*args, **fields)))
+    return [point for page in pages for point in triples(page.data)], [
+        len(page.data) for page in pages
     ]
 
 
-@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
-def test_a_tls_file_without_pem_content_stops_start_up_with_one_clear_line(
-    pki, tmp_path, key, stopped_at_start_up
+def year_of_quarter_hours() -> list[tuple[int, float]]:
+    """Every quarter-hour of 2024 (UTC), with varied values, so every bucket is full."""
+    return [
+        (t, round(math.sin(t / 7919) * 300 + (t // QUARTER) % 17 - 5, 3))
+        for t in range(YEAR_START - 2 * DAY, YEAR_END + 2 * DAY, QUARTER)
+    ]
+
+
+@pytest.fixture(scope="module")
+def module_dsn(server_dsn: str) -> Iterator[str]:
+    """A database shared by the read-only tests of this module, dropped afterwards."""
+    with fresh_database(server_dsn) as database:
+        yield database
+
+
+@pytest.fixture(scope="module")
+def year() -> tuple[tuple[int, float], ...]:
+    return tuple(year_of_quarter_hours())
+
+
+@pytest.fixture(scope="module")
+def year_service(module_dsn: str, year) -> Iterator[RunningService]:
+    """A service whose first asset holds every quarter-hour of 2024; only read from."""
+    with Repository(dsn=module_dsn, max_connections=4) as repo:
+        repo.migrate()
+        repo.upsert_points(ASSET, year)
+        running = RunningService(repo, assets=(ASSET, OTHER_ASSET), max_points=100000)
+        yield running
+        running.close()
+
+
+# --- local calendar buckets across DST --------------------------------------------------------
+
+DST_ZONES = ("Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe")
+
+
+@pytest.mark.parametrize("window", ["1h", "1d", "1w", "1mo"])
+@pytest.mark.parametrize("zone", DST_ZONES)
+def test_local_buckets_match_the_reference(year_service, year, zone, window):
+    tz = ZoneInfo(zone)
+    for aggregation in AGGREGATIONS:
+        answer = query(year_service, YEAR_START, YEAR_END, window, aggregation, timezone=zone)
+        assert_same(answer, reference(year, YEAR_START, YEAR_END, window, aggregation, tz))
+
+
+@pytest.mark.parametrize(
+    ("zone", "day", "quarter_hours"),
+    [
+        ("Europe/Berlin", "2024-03-31", 92),
+        ("Europe/Berlin", "2024-10-27", 100),
+        ("Europe/Berlin", "2024-06-12", 96),
+        ("America/New_York", "2024-03-10", 92),
+        ("America/New_York", "2024-11-03", 100),
+        ("America/New_York", "2024-06-12", 96),
+        ("Asia/Kolkata", "2024-03-31", 96),
+        ("Australia/Lord_Howe", "2024-10-06", 94),  # 23.5 hours
+        ("Australia/Lord_Howe", "2024-04-07", 98),  # 24.5 hours
+        ("America/Havana", "2024-03-10", 92),  # midnight does not exist: starts at 01:00
+        ("Asia/Beirut", "2024-03-31", 92),  # the same
+        ("Asia/Beirut", "2024-10-26", 100),  # 23:00-24:00 happens twice, on this day
+    ],
+)
+def test_a_local_day_runs_from_its_first_instant_to_the_next(
+    year_service, zone, day, quarter_hours
 ):
-    garbage = tmp_path / "garbage.pem"
-    garbage.write_text("not a certificate\n")
-    result = stopped_at_start_up(
-        **{**tls_env(pki, client_ca=True), f"EDGECOM_SERVER_TLS_{key.upper()}": str(garbage)},
+    tz = ZoneInfo(zone)
+    local_day = date.fromisoformat(day)
+    start_s = first_instant(local_day, tz)
+    end_s = first_instant(local_day + timedelta(days=1), tz)
+    assert (end_s - start_s) // QUARTER == quarter_hours
+    answer = query(year_service, start_s, end_s, "1d", "COUNT", timezone=zone)
+    assert answer == [(start_s, float(quarter_hours), quarter_hours)]
+    # The same day inside a longer range: same bucket, same count.
+    week = query(year_service, start_s - 3 * DAY, end_s + 3 * DAY, "1d", "SUM", timezone=zone)
+    assert (start_s, quarter_hours) in [(t, count) for t, _, count in week]
+
+
+def test_day_bucket_starts_are_local_midnights_in_utc(year_service):
+    answer = query(
+        year_service,
+        utc_seconds("2024-03-30T00:00:00"),
+        utc_seconds("2024-04-02T00:00:00"),
+        "1d",
+        "COUNT",
+        timezone="Europe/Berlin",
     )
-    assert result.returncode == 2, result.stderr
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"edgecom: configuration error: server.tls.{key}: {garbage} ")
-    assert "PEM" in line
+    starts = [Timestamp(seconds=t).ToJsonString() for t, _, _ in answer]
+    assert starts == [
+        "2024-03-29T23:00:00Z",  # partial: the range starts at 01:00 local
+        "2024-03-30T23:00:00Z",
+        "2024-03-31T22:00:00Z",
+        "2024-04-01T22:00:00Z",
+    ]
+    assert [count for _, _, count in answer] == [92, 92, 96, 8]
 
 
-def test_a_port_in_use_stops_start_up_with_a_log_line_not_a_traceback(tmp_path, dsn):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = run_until_exit(
-            tmp_path,
-            EDGECOM_DATABASE_URL=dsn,
-            EDGECOM_SERVER_HOST="127.0.0.1",
-            EDGECOM_SERVER_PORT=str(port),
-            EDGECOM_LOGGING_FORMAT="json",
-        )
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    [failure] = [r for r in records if r["level"] == "error"]
-    assert failure["message"] == "cannot start"
-    assert f"cannot listen on 127.0.0.1:{port}" in failure["error"]
+def test_fall_back_gives_two_buckets_for_the_repeated_hour(year_service):
+    zone = ZoneInfo("Europe/Berlin")
+    start_s = first_instant(date(2024, 10, 27), zone)
+    answer = query(year_service, start_s, start_s + 25 * HOUR, "1h", "COUNT", timezone=zone.key)
+    assert len(answer) == 25 and all(count == 4 for _, _, count in answer)
+    local = [datetime.fromtimestamp(t, zone) for t, _, _ in answer]
+    repeated = [
+        (t, moment) for (t, _, _), moment in zip(answer, local, strict=True) if moment.hour == 2
+    ]
+    assert [moment.utcoffset() for _, moment in repeated] == [
+        timedelta(hours=2),
+        timedelta(hours=1),
+    ]
+    assert repeated[1][0] - repeated[0][0] == HOUR
 
 
-# --- authentication -----------------------------------------------------------------------
+def test_spring_forward_has_no_bucket_for_the_missing_hour(year_service):
+    zone = ZoneInfo("America/New_York")
+    start_s = first_instant(date(2024, 3, 10), zone)
+    answer = query(year_service, start_s, start_s + 23 * HOUR, "1h", "AVG", timezone=zone.key)
+    hours = [datetime.fromtimestamp(t, zone).hour for t, _, _ in answer]
+    assert hours == [0, 1, *range(3, 24)]
 
 
-def test_bearer_tokens_guard_queries_but_not_health_or_reflection(start_service, grpcurl):
-    service = start_service(EDGECOM_AUTH_TOKENS="tok1,tok2")
-    service.wait_serving()
-    stub = service.stub()
-    query = request(T0, T0 + DAY)
+def test_half_hour_zones_get_buckets_on_local_hours(year_service):
+    kolkata = ZoneInfo("Asia/Kolkata")
+    start_s = first_instant(date(2024, 5, 1), kolkata)
+    answer = query(year_service, start_s, start_s + DAY, "1h", "SUM", timezone=kolkata.key)
+    assert [datetime.fromtimestamp(t, kolkata).hour for t, _, _ in answer] == list(range(24))
+    assert Timestamp(seconds=answer[0][0]).ToJsonString() == "2024-04-30T18:30:00Z"
 
-    for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "tok1"),)):
-        code, details = status_of(
-            lambda metadata=metadata: stub.QueryTimeSeries(query, metadata=metadata)
-        )
-        assert code == grpc.StatusCode.UNAUTHENTICATED
-        assert "authorization: Bearer <token>" in details
-    for token in ("tok1", "tok2"):
-        reply = stub.QueryTimeSeries(query, metadata=(("authorization", f"Bearer {token}"),))
-        assert list(reply.data) == []
-    assert health_status(service.channel()) == SERVING
 
-    def run_grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30
-        )
+def test_lord_howe_sub_day_buckets_are_laid_from_local_midnight(year_service):
+    # 02:00 becomes 02:30 on 2024-10-06: hourly buckets keep their absolute length from
+    # midnight, so they sit on the half hour after the jump, and the day's last one
+    # (23:30-24:00) holds half an hour.
+    zone = ZoneInfo("Australia/Lord_Howe")
+    start_s = first_instant(date(2024, 10, 6), zone)
+    end_s = first_instant(date(2024, 10, 7), zone)
+    answer = query(year_service, start_s, end_s, "1h", "COUNT", timezone=zone.key)
+    local = [datetime.fromtimestamp(t, zone).strftime("%H:%M") for t, _, _ in answer]
+    assert local[:4] == ["00:00", "01:00", "02:30", "03:30"] and local[-1] == "23:30"
+    assert [count for _, _, count in answer] == [4] * 23 + [2]
 
-    listed = run_grpcurl(service.address, "list")
-    assert listed.returncode == 0, listed.stderr
-    assert "edgecom.TimeSeriesService" in listed.stdout.split()
-    body = json.dumps(
-        {
-            "start": "2023-11-15T00:00:00Z",
-            "end": "2023-11-16T00:00:00Z",
-            "window": "1h",
-            "aggregation": "avg",
-        }
+
+@pytest.mark.parametrize("window", ["15m", "2h", "7d", "2w", "3mo", "12mo"])
+def test_multiples_are_anchored_in_1970_local(year_service, year, window):
+    zone = ZoneInfo("America/New_York")
+    for aggregation in ("SUM", "LAST"):
+        answer = query(year_service, YEAR_START, YEAR_END, window, aggregation, timezone=zone.key)
+        assert_same(answer, reference(year, YEAR_START, YEAR_END, window, aggregation, zone))
+
+
+@pytest.mark.parametrize("window", ["1w", "1mo"])
+def test_weeks_and_months_in_utc(year_service, year, window):
+    answer = query(year_service, YEAR_START, YEAR_END, window, "AVG")
+    assert_same(answer, reference(year, YEAR_START, YEAR_END, window, "AVG"))
+    if window == "1w":
+        assert datetime.fromtimestamp(answer[1][0], UTC).strftime("%a %H:%M") == "Mon 00:00"
+
+
+def test_utc_and_its_aliases_are_the_original_buckets(year_service, year):
+    for zone in ("", "UTC", "Etc/UTC"):
+        for window in ("1h", "1d", "7d", "7h"):
+            answer = query(year_service, YEAR_START, YEAR_END, window, "SUM", timezone=zone)
+            assert_same(answer, reference(year, YEAR_START, YEAR_END, window, "SUM"))
+
+
+# --- aggregations -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", ["1m", "5m", "15m", "1h", "1d"])
+@pytest.mark.parametrize("aggregation", ["COUNT", "FIRST", "LAST"])
+def test_count_first_last_match_the_reference(service, window, aggregation):
+    points = [*series(YEAR_START - DAY, 3 * 288, step_s=300), (YEAR_START + 30, 5.5)]
+    points += [(YEAR_START + 59, -3.5), (YEAR_START + 3599, 0.5), (YEAR_START + 3660, -0.25)]
+    service.repository.upsert_points(ASSET, points)
+    start_s, end_s = YEAR_START - DAY + 61, YEAR_START + DAY + 7
+    for zone in ("", "Europe/Berlin"):
+        answer = query(service, start_s, end_s, window, aggregation.lower(), timezone=zone)
+        expected = reference(points, start_s, end_s, window, aggregation, ZoneInfo(zone or "UTC"))
+        assert_same(answer, expected)
+
+
+def test_count_is_set_for_every_aggregation(service):
+    service.repository.upsert_points(ASSET, series(YEAR_START, 10))
+    for aggregation in AGGREGATIONS:
+        answer = query(service, YEAR_START, YEAR_START + DAY, "1h", aggregation)
+        assert [count for _, _, count in answer] == [4, 4, 2]
+
+
+# --- fills ------------------------------------------------------------------------------------
+
+
+def gappy_points() -> list[tuple[int, float]]:
+    """Quarter-hours over five days around YEAR_START, with gaps over the start, in the
+    middle and at the end of the range [YEAR_START, YEAR_START + 2.5 days) used below."""
+    gaps = [
+        (YEAR_START - 2 * HOUR, YEAR_START + 5 * HOUR),
+        (YEAR_START + DAY + 3 * HOUR, YEAR_START + DAY + 10 * HOUR),
+        (YEAR_START + 2 * DAY, YEAR_START + 3 * DAY),
+    ]
+    return [
+        (t, v)
+        for t, v in series(YEAR_START - 2 * DAY, 5 * 96)
+        if not any(lo <= t < hi for lo, hi in gaps)
+    ]
+
+
+FILL_RANGE = (YEAR_START, YEAR_START + 2 * DAY + 12 * HOUR)
+
+
+@pytest.mark.parametrize("fill", ["none", "zero", "previous", "linear", "nan"])
+@pytest.mark.parametrize(
+    ("window", "zone"), [("15m", ""), ("1h", ""), ("1h", "Europe/Berlin"), ("1d", "Asia/Kolkata")]
+)
+def test_fills_match_the_reference(service, fill, window, zone):
+    points = gappy_points()
+    service.repository.upsert_points(ASSET, points)
+    tz = ZoneInfo(zone or "UTC")
+    for aggregation in ("AVG", "SUM"):
+        answer = query(service, *FILL_RANGE, window, aggregation, timezone=zone, fill=fill)
+        expected = reference_filled(points, *FILL_RANGE, window, aggregation, fill, tz)
+        assert_same(answer, expected)
+
+
+def test_fill_previous_seeds_leading_gap_from_the_last_point_before_start(service):
+    service.repository.upsert_points(
+        ASSET, [(YEAR_START - 5 * HOUR, 7.0), (YEAR_START + 2 * HOUR, 9.0)]
     )
-    method = "edgecom.TimeSeriesService/QueryTimeSeries"
-    refused = run_grpcurl("-d", body, service.address, method)
-    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
-    answered = run_grpcurl("-H", "authorization: Bearer tok2", "-d", body, service.address, method)
-    assert answered.returncode == 0, answered.stderr
-    assert json.loads(answered.stdout) == {}
+    answer = query(service, YEAR_START, YEAR_START + 4 * HOUR, "1h", "AVG", fill="previous")
+    assert answer == [
+        (YEAR_START, 7.0, 0),
+        (YEAR_START + HOUR, 7.0, 0),
+        (YEAR_START + 2 * HOUR, 9.0, 1),
+        (YEAR_START + 3 * HOUR, 9.0, 0),
+    ]
 
 
-# --- metrics ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def simulator() -> Iterator[Simulator]:
-    with Simulator() as sim:
-        yield sim
-
-
-BURST = 3
-
-
-def test_metrics_endpoint_reports_calls_cache_rate_limit_and_ingestion(
-    start_service, simulator, repository
-):
-    metrics_port = free_port()
-    before = time.time()
-    service = start_service(
-        EDGECOM_UPSTREAM_URL=simulator.url_template,
-        EDGECOM_METRICS_PORT=str(metrics_port),
-        EDGECOM_UPSTREAM_BOOTSTRAP="2d",
-        # BURST calls, then one token every 1000 s: the next call is refused whatever the pace.
-        EDGECOM_RATE_LIMIT_RPS="0.001",
-        EDGECOM_RATE_LIMIT_BURST=str(BURST),
+def test_fill_linear_uses_the_nearest_points_outside_the_range(service):
+    service.repository.upsert_points(
+        ASSET,
+        [(YEAR_START - 2 * HOUR, 0.0), (YEAR_START + HOUR, 30.0), (YEAR_START + 6 * HOUR, 80.0)],
     )
-    service.wait_serving()
+    answer = query(service, YEAR_START, YEAR_START + 4 * HOUR, "1h", "AVG", fill="linear")
+    assert answer == [
+        (YEAR_START, 20.0, 0),
+        (YEAR_START + HOUR, 30.0, 1),
+        (YEAR_START + 2 * HOUR, 40.0, 0),
+        (YEAR_START + 3 * HOUR, 50.0, 0),
+    ]
 
-    def coverage() -> float | None:
-        return scrape(metrics_port).get(("edgecom_coverage_ratio", (("asset_id", ASSET),)))
 
-    assert wait_for(lambda: coverage() == 1.0, timeout_s=30), service.log_text()
-    stub = service.stub()
+def test_fill_without_neighbours_leaves_out_what_it_cannot_fill(service):
+    service.repository.upsert_points(ASSET, [(YEAR_START + HOUR, 5.0)])
+    args = (YEAR_START, YEAR_START + 3 * HOUR, "1h", "AVG")
+    assert query(service, *args, fill="previous") == [
+        (YEAR_START + HOUR, 5.0, 1),
+        (YEAR_START + 2 * HOUR, 5.0, 0),
+    ]
+    assert query(service, *args, fill="linear") == [(YEAR_START + HOUR, 5.0, 1)]
+
+
+@pytest.mark.parametrize("fill", ["none", "zero", "previous", "linear", "nan"])
+def test_fill_over_a_range_without_points(service, fill):
+    points = [(YEAR_START - HOUR, 10.0), (YEAR_START + DAY + HOUR, 34.0)]
+    service.repository.upsert_points(ASSET, points)
+    answer = query(service, YEAR_START, YEAR_START + DAY, "1h", "SUM", fill=fill)
+    expected = reference_filled(points, YEAR_START, YEAR_START + DAY, "1h", "SUM", fill)
+    assert len(expected) == (0 if fill == "none" else 24)
+    assert_same(answer, expected)
+    # An asset with nothing stored at all: only zero and nan have something to say.
+    empty = query(
+        service, YEAR_START, YEAR_START + DAY, "1h", "SUM", fill=fill, asset_id=OTHER_ASSET
+    )
+    assert len(empty) == (24 if fill in ("zero", "nan") else 0)
+
+
+@pytest.mark.parametrize("fill", ["zero", "previous", "linear", "nan"])
+def test_fill_never_goes_past_the_last_point_when_end_is_ahead(service, fill):
     now = int(time.time())
-    query = request(now - 2 * DAY, now, "1h", "AVG")
-    first = stub.QueryTimeSeries(query)
-    assert len(first.data) >= 47, "two days of ingested points, in hourly buckets"
-    for _ in range(BURST - 1):
-        assert stub.QueryTimeSeries(query) == first
-    code, details = status_of(lambda: stub.QueryTimeSeries(query))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "retry in" in details
-    samples = scrape(metrics_port)
-    after = time.time()
-
-    def value(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        assert key in samples, f"{key} not in {sorted(samples)}"
-        return samples[key]
-
-    method = edgecom.QUERY_METHOD
-    assert value("edgecom_grpc_requests_total", method=method, code="OK") == BURST
-    assert value("edgecom_grpc_requests_total", method=method, code="RESOURCE_EXHAUSTED") == 1
-    assert value("edgecom_grpc_requests_total", method=HEALTH_METHOD, code="OK") >= 1
-    assert value("edgecom_grpc_request_duration_seconds_count", method=method) == BURST + 1
-    assert value("edgecom_grpc_request_duration_seconds_bucket", method=method, le="+Inf") == (
-        BURST + 1
-    )
-    # The first answer is not stored when ingestion's last write is heard while it runs, so
-    # the split between hits and misses is read from the request log.
-    looked_up = [r["cache"] for r in service.records() if r.get("method") == method]
-    assert looked_up[0] == "miss" and "hit" in looked_up
-    assert value("edgecom_cache_hits_total") == looked_up.count("hit")
-    assert value("edgecom_cache_misses_total") == looked_up.count("miss")
-    assert value("edgecom_cache_entries") == 1
-    assert value("edgecom_rate_limited_total") == 1
-
-    # Ingestion: what the simulator served is what was counted and what the database holds.
-    fetches = [r for r in simulator.requests if r.asset_id == ASSET]
-    assert fetches and all(r.status == 200 for r in fetches)
-    served = sum(len(simulator.points(ASSET, r.start_s, r.end_s)) for r in fetches)
-    stored = repository.asset_status([ASSET], start_s=0, end_s=int(after))[0].points
-    assert served == stored >= 2 * 96
-    assert value("edgecom_ingested_points_total", asset_id=ASSET) == served
-    assert value("edgecom_skipped_points_total", asset_id=ASSET) == 0
-    assert value("edgecom_upstream_requests_total", asset_id=ASSET, outcome="ok") == len(fetches)
-    assert value("edgecom_upstream_request_duration_seconds_count") == len(fetches)
-    assert before <= value("edgecom_last_successful_fetch_timestamp_seconds", asset_id=ASSET)
-    assert value("edgecom_last_successful_fetch_timestamp_seconds", asset_id=ASSET) <= after
-    assert value("edgecom_coverage_ratio", asset_id=ASSET) == 1.0
-
-
-# --- request log --------------------------------------------------------------------------
-
-
-def test_each_call_logs_one_json_line_with_the_request_id_it_returns(start_service):
-    service = start_service()
-    service.wait_serving()
-    stub = service.stub()
-    query = request(T0, T0 + DAY)
-
-    reply, ok = stub.QueryTimeSeries.with_call(query, metadata=(("x-request-id", "req-ok-1"),))
-    _, hit = stub.QueryTimeSeries.with_call(query, metadata=(("x-request-id", "req-ok-2"),))
-    with pytest.raises(grpc.RpcError) as refused:
-        stub.QueryTimeSeries(
-            request(T0, T0 + DAY, window="2y"), metadata=(("x-request-id", "req-bad"),)
+    last_s = now // HOUR * HOUR - 2 * HOUR + 15 * 60
+    points = [(t, float(t % 1000)) for t in range(last_s - DAY, last_s + 1, QUARTER)]
+    points = [(t, v) for t, v in points if not last_s - 10 * HOUR <= t < last_s - 6 * HOUR]
+    service.repository.upsert_points(ASSET, points)
+    for zone in ("", "Europe/Berlin"):
+        start_s, end_s = last_s - 12 * HOUR, now + 2 * DAY
+        answer = query(service, start_s, end_s, "1h", "AVG", fill=fill, timezone=zone)
+        expected = reference_filled(
+            points, start_s, end_s, "1h", "AVG", fill, ZoneInfo(zone or "UTC"), now=now
         )
-    _, anonymous = stub.QueryTimeSeries.with_call(request(T0, T0 + 3600))
-
-    def trailer(call: grpc.Call) -> str | None:
-        return dict(call.trailing_metadata() or ()).get("x-request-id")
-
-    assert trailer(ok) == "req-ok-1"
-    assert trailer(hit) == "req-ok-2"
-    assert trailer(refused.value) == "req-bad"
-    generated = trailer(anonymous)
-    assert generated is not None and len(generated) == 32
-    int(generated, 16)
-
-    def rpc_lines(request_id: str) -> list[dict[str, Any]]:
-        return [
-            r
-            for r in service.records()
-            if r["message"] == "rpc" and r.get("request_id") == request_id
-        ]
-
-    assert wait_for(lambda: rpc_lines(generated), timeout_s=5), service.log_text()
-    lines = {rid: rpc_lines(rid) for rid in ("req-ok-1", "req-ok-2", "req-bad", generated)}
-    assert all(len(found) == 1 for found in lines.values()), lines
-    (first,) = lines["req-ok-1"]
-    assert first["method"] == edgecom.QUERY_METHOD
-    assert first["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))
-    assert first["code"] == "OK"
-    assert first["duration_ms"] >= 0
-    assert (first["cache"], first["points"]) == ("miss", len(reply.data))
-    assert (lines["req-ok-2"][0]["cache"], lines["req-ok-2"][0]["code"]) == ("hit", "OK")
-    assert lines["req-bad"][0]["code"] == "INVALID_ARGUMENT"
-    assert lines[generated][0]["code"] == "OK"
+        assert_same(answer, expected)
+        assert answer[-1][0] == last_s - 15 * 60 and answer[-1][2] == 2
+    # Everything before start: nothing to carry into a range that lies ahead.
+    assert query(service, now + DAY, now + 2 * DAY, "1h", "AVG", fill=fill) == []
 
 
-# --- graceful shutdown --------------------------------------------------------------------
+@pytest.mark.parametrize("zone", ["", "Europe/Berlin"])
+def test_fill_answers_the_bucket_holding_start_and_the_last_point_when_end_is_ahead(service, zone):
+    now = int(time.time())
+    last_s = now // 300 * 300 - HOUR  # 16:30, say
+    service.repository.upsert_points(ASSET, [(last_s - 300, 1.0), (last_s, 2.0)])
+    start_s, end_s = last_s + 295, now + 365 * DAY  # 16:34:55, next year
+    for fill, value in (("previous", 2.0), ("zero", 0.0)):
+        args = (start_s, end_s, "5m", "LAST")
+        expected = [(last_s, value, 0)]
+        assert query(service, *args, fill=fill, timezone=zone) == expected
+        assert stream(service, *args, fill=fill, timezone=zone)[0] == expected
+    # The bucket holding start holds no stored point: nothing to answer.
+    assert query(service, last_s + 300, end_s, "5m", "LAST", fill="previous") == []
 
-IN_FLIGHT = 20
-# Generous, so that a loaded machine cannot run the grace period out before the lock is
-# released; the exit comes as soon as the calls are done, not at its end.
-GRACE_S = 30
 
-
-def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(start_service, dsn, repository):
-    repository.upsert_points(ASSET, [(T0 + i * 900, float(i)) for i in range(96)])
-    service = start_service(
-        EDGECOM_SERVER_GRACE_PERIOD=f"{GRACE_S}s",
-        EDGECOM_SERVER_MAX_WORKERS=str(IN_FLIGHT + 12),
-        EDGECOM_DATABASE_MAX_CONNECTIONS=str(IN_FLIGHT + 5),
-    )
-    service.wait_serving()
-    stub = service.stub()
-    health_stub = health_pb2_grpc.HealthStub(service.channel())
-    watch = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
-    assert next(watch).status == SERVING
-
-    blocker = lock_points(dsn)
+def test_filled_buckets_count_towards_max_points(repository):
+    running = RunningService(repository, assets=(ASSET,), max_points=10)
     try:
-        # Distinct ranges, so no call could be answered from another's cached result.
-        calls = [
-            stub.QueryTimeSeries.future(request(T0, T0 + (i + 1) * 3600, "1h", "SUM"), timeout=60)
-            for i in range(IN_FLIGHT)
-        ]
-        assert wait_for(lambda: bucket_queries_waiting_for_a_lock(dsn) == IN_FLIGHT, timeout_s=20)
-        service.proc.send_signal(signal.SIGTERM)
-
-        statuses = (reply.status for reply in watch)
-        assert next(status for status in statuses if status != SERVING) == NOT_SERVING
-
-        def refused() -> bool:
-            try:
-                health_stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-            except grpc.RpcError as exc:
-                return exc.code() == grpc.StatusCode.UNAVAILABLE
-            return False
-
-        assert wait_for(refused, timeout_s=5), service.log_text()
-        code, _ = status_of(lambda: stub.QueryTimeSeries(request(T0, T0 + DAY), timeout=5))
-        assert code == grpc.StatusCode.UNAVAILABLE
-        assert not any(call.done() for call in calls)
-    finally:
-        blocker.close()
-
-    replies = [call.result() for call in calls]
-    assert [len(reply.data) for reply in replies] == list(range(1, IN_FLIGHT + 1))
-    assert service.proc.wait(GRACE_S + 20) == 0, service.log_text()
-    messages = [r["message"] for r in service.records()]
-    assert messages.index("shutdown requested") < messages.index("server stopped")
-    assert messages[-1] == "stopped"
-
-
-def test_an_open_health_watch_does_not_hold_the_exit(start_service):
-    # A grace period far longer than the wait below: exiting in time shows the server did not
-    # wait for the never-ending Watch stream once no call was left.
-    service = start_service(EDGECOM_SERVER_GRACE_PERIOD="120s")
-    service.wait_serving()
-    health_stub = health_pb2_grpc.HealthStub(service.channel())
-    watch = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=300)
-    assert next(watch).status == SERVING
-    service.proc.send_signal(signal.SIGTERM)
-    assert next(reply.status for reply in watch if reply.status != SERVING) == NOT_SERVING
-    assert service.proc.wait(60) == 0, service.log_text()
-
-
-# --- limits: cache memory and rate limit ----------------------------------------------------
-
-QUARTER = 900
-ANSWER_POINTS = 1500  # about 31 KB serialized: 32 fit in a 1 MiB cache
-
-
-def test_many_distinct_large_answers_keep_the_cache_within_its_byte_bound(repository, dsn):
-    max_bytes = 2**20
-    config = Config(
-        upstream=UpstreamConfig(assets=(ASSET,)),
-        cache=CacheConfig(max_bytes=max_bytes),
-        rate_limit=RateLimitConfig(rps=0),
-    )
-    metrics = Metrics()
-    cache = QueryCache(config.cache.size, max_bytes=config.cache.max_bytes, metrics=metrics)
-    interceptors = edgecom.interceptors_for(config, metrics=metrics, cache=cache)
-    running = RunningService(
-        repository, assets=(ASSET,), max_points=100000, interceptors=interceptors
-    )
-    distinct = 300
-    huge_points = 7000  # about 147 KB: over an eighth of max_bytes
-    insert_quarter_hours(dsn, T0, huge_points)
-
-    def held_bytes() -> float:
-        return metrics.registry.get_sample_value("edgecom_cache_bytes")
-
-    try:
-        for i in range(distinct):
-            start_s = T0 + i * QUARTER
-            answer = running.stub.QueryTimeSeries(
-                request(start_s, start_s + ANSWER_POINTS * QUARTER, "15m", "AVG"), timeout=30
-            )
-            assert len(answer.data) == ANSWER_POINTS
-            assert 0 < held_bytes() <= max_bytes
-        # Far fewer than the entry bound, and the most recent answers are the ones kept.
-        assert 16 <= len(cache) < distinct // 4
-        assert metrics.registry.get_sample_value("edgecom_cache_entries") == len(cache)
-        last = request(start_s, start_s + ANSWER_POINTS * QUARTER, "15m", "AVG")
-        hits = metrics.registry.get_sample_value("edgecom_cache_hits_total")
-        assert running.stub.QueryTimeSeries(last, timeout=30) == answer
-        assert metrics.registry.get_sample_value("edgecom_cache_hits_total") == hits + 1
-
-        # An answer of more than an eighth of the bound is served but never stored.
-        huge = request(T0, T0 + huge_points * QUARTER, "15m", "AVG")
-        entries, held = len(cache), held_bytes()
-        for _ in range(2):
-            assert len(running.stub.QueryTimeSeries(huge, timeout=30).data) == huge_points
-        assert (len(cache), held_bytes()) == (entries, held)
-        assert metrics.registry.get_sample_value("edgecom_cache_hits_total") == hits + 1
+        repository.upsert_points(ASSET, [(YEAR_START, 1.0), (YEAR_START + 5 * HOUR, 2.0)])
+        req = request(YEAR_START, YEAR_START + DAY, "1h", "SUM")
+        assert len(running.stub.QueryTimeSeries(req).data) == 2
+        req.fill = "zero"
+        code, details = status_of(lambda: running.stub.QueryTimeSeries(req))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "widen the window or shorten the range" in details and "StreamTimeSeries" in details
+        req.end.seconds = YEAR_START + 10 * HOUR
+        assert len(running.stub.QueryTimeSeries(req).data) == 10
     finally:
         running.close()
 
 
-def burst_outcomes(calls: Iterator[Callable[[], object]]) -> list[grpc.StatusCode]:
-    """The status code each call ends with, in order."""
-    codes = []
-    for call in calls:
+# --- validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "hint"),
+    [
+        ({"timezone": "Mars/Olympus_Mons"}, "Europe/Berlin"),
+        ({"timezone": "europe/berlin"}, "IANA"),
+        ({"timezone": "../../etc/passwd"}, "IANA"),
+        ({"timezone": "Europe"}, "IANA"),
+        ({"timezone": "+01:00"}, "IANA"),
+        ({"fill": "interpolate"}, "none, zero, previous, linear, nan"),
+        ({"window": "53w"}, "52w"),
+        ({"window": "13mo"}, "12mo"),
+        ({"window": "0mo"}, "1mo"),
+        ({"window": "1y"}, "1mo"),
+        ({"window": "7h", "timezone": "Europe/Berlin"}, "15m, 1h, 1d or 7d"),
+        ({"window": "36h", "timezone": "Asia/Kolkata"}, "straddle"),
+        ({"aggregation": "MEDIAN"}, "COUNT, FIRST, LAST"),
+    ],
+)
+def test_bad_requests_are_invalid_argument_and_list_what_is_accepted(service, fields, hint):
+    req = request(YEAR_START, YEAR_START + DAY, **{"window": "1h", **fields})
+    for call in (service.stub.QueryTimeSeries, lambda r: list(service.stub.StreamTimeSeries(r))):
+        code, details = status_of(lambda call=call: call(req))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert hint in details
+
+
+def test_fill_and_windows_are_case_insensitive(service):
+    service.repository.upsert_points(ASSET, [(YEAR_START, 1.0)])
+    lower = query(service, YEAR_START, YEAR_START + 3 * HOUR, "1h", "sum", fill="zero")
+    upper = query(service, YEAR_START, YEAR_START + 3 * HOUR, "1H", "SUM", fill="ZERO")
+    assert (
+        lower
+        == upper
+        == [(YEAR_START, 1.0, 1), (YEAR_START + HOUR, 0.0, 0), (YEAR_START + 2 * HOUR, 0.0, 0)]
+    )
+    assert query(service, YEAR_START, YEAR_START + DAY, "1MO", "sum") == [(YEAR_START, 1.0, 1)]
+
+
+# --- old clients ------------------------------------------------------------------------------
+
+# The query the service ran before these additions, word for word.
+ORIGINAL_QUERY = """
+SELECT extract(epoch FROM date_bin(%(window)s, time, TIMESTAMPTZ 'epoch'))::bigint AS bucket,
+       {aggregate}(value) AS value
+FROM points
+WHERE asset_id = %(asset_id)s AND time >= %(start)s AND time < %(end)s
+GROUP BY bucket
+ORDER BY bucket
+LIMIT %(limit)s
+"""
+
+
+def original_messages():
+    """TimeSeriesRequest/Response as a client built from the previous .proto knows them."""
+    pool = descriptor_pool.DescriptorPool()
+    timestamp = descriptor_pb2.FileDescriptorProto()
+    timestamp_pb2.DESCRIPTOR.CopyToProto(timestamp)
+    pool.Add(timestamp)
+    file = descriptor_pb2.FileDescriptorProto(
+        name="edgecom_previous.proto",
+        package="edgecom",
+        syntax="proto3",
+        dependency=["google/protobuf/timestamp.proto"],
+    )
+    F = descriptor_pb2.FieldDescriptorProto
+
+    def message(name, *fields):
+        proto = file.message_type.add(name=name)
+        for number, (field_name, kind, type_name, label) in enumerate(fields, start=1):
+            field = proto.field.add(name=field_name, number=number, type=kind, label=label)
+            if type_name:
+                field.type_name = type_name
+
+    stamp = (F.TYPE_MESSAGE, ".google.protobuf.Timestamp", F.LABEL_OPTIONAL)
+    text = (F.TYPE_STRING, "", F.LABEL_OPTIONAL)
+    message(
+        "TimeSeriesRequest",
+        ("start", *stamp),
+        ("end", *stamp),
+        ("window", *text),
+        ("aggregation", *text),
+        ("asset_id", *text),
+    )
+    message("TimeSeriesDataPoint", ("time", *stamp), ("value", F.TYPE_DOUBLE, "", F.LABEL_OPTIONAL))
+    message(
+        "TimeSeriesResponse",
+        ("data", F.TYPE_MESSAGE, ".edgecom.TimeSeriesDataPoint", F.LABEL_REPEATED),
+    )
+    pool.Add(file)
+    return tuple(
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"edgecom.{name}"))
+        for name in ("TimeSeriesRequest", "TimeSeriesDataPoint", "TimeSeriesResponse")
+    )
+
+
+@pytest.mark.parametrize("window", ["1m", "15m", "1h", "7h", "1d", "36h", "7d"])
+def test_old_clients_get_exactly_the_previous_answers(service, dsn, window):
+    Request, Point, Response = original_messages()
+    points = [*series(YEAR_START - 3 * DAY, 9 * 96, seed=2), (YEAR_START + 59, -3.25)]
+    service.repository.upsert_points(ASSET, points)
+    call = service.channel.unary_unary(
+        "/edgecom.TimeSeriesService/QueryTimeSeries",
+        request_serializer=Request.SerializeToString,
+        response_deserializer=Response.FromString,
+    )
+    window_s = parse_bucket_window(window).count
+    start_s, end_s = YEAR_START - 2 * DAY + 1234, YEAR_START + 3 * DAY
+    for aggregation in ("MIN", "MAX", "AVG", "SUM"):
+        old_request = Request(window=window, aggregation=aggregation.lower())
+        old_request.start.seconds, old_request.end.seconds = start_s, end_s
+        answer = call(old_request)
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute(
+                ORIGINAL_QUERY.format(aggregate=aggregation),
+                {
+                    "window": timedelta(seconds=window_s),
+                    "asset_id": ASSET,
+                    "start": datetime.fromtimestamp(start_s, UTC),
+                    "end": datetime.fromtimestamp(end_s, UTC),
+                    "limit": 100001,
+                },
+            ).fetchall()
+        previous = Response(data=[Point(time={"seconds": t}, value=v) for t, v in rows])
+        assert [(p.time.seconds, p.value) for p in answer.data] == rows
+        # The only addition is the new count field, which the old client keeps as unknown.
+        answer.DiscardUnknownFields()
+        assert answer.SerializeToString(deterministic=True) == previous.SerializeToString(
+            deterministic=True
+        )
+        expected = original_reference(points, start_s, end_s, window_s, aggregation)
+        assert [t for t, _ in rows] == [t for t, _ in expected]
+
+
+# --- caching ----------------------------------------------------------------------------------
+
+
+def test_cache_tells_timezones_and_fills_apart(repository, dsn):
+    config = Config(
+        upstream=UpstreamConfig(assets=(ASSET,)),
+        rate_limit=RateLimitConfig(rps=0),
+    )
+    metrics = Metrics()
+    cache = QueryCache(100, metrics=metrics)
+    interceptors = edgecom.interceptors_for(config, metrics=metrics, cache=cache)
+    running = RunningService(
+        repository, assets=(ASSET,), max_points=1000, interceptors=interceptors
+    )
+    # Wired as in edgecom.run(): a write anywhere drops the entries whose span holds it.
+    listener = ChangeListener(
+        dsn=dsn,
+        on_change=lambda asset_id, first_s, last_s: cache.invalidate(asset_id, first_s, last_s + 1),
+        on_reconnect=cache.clear,
+    ).start()
+    try:
+        assert listener.wait_listening(10)
+        repository.upsert_points(ASSET, series(YEAR_START, 96))
+        day = (YEAR_START, YEAR_START + DAY, "1d", "SUM")
+        utc = query(running, *day)
+        assert query(running, *day, timezone="UTC") == utc
+        assert len(cache) == 1  # "" and "UTC" are one key
+        berlin = query(running, *day, timezone="Europe/Berlin")
+        assert berlin != utc and len(cache) == 2
+        sparse = (YEAR_START - 3 * HOUR, YEAR_START + 2 * HOUR, "1h", "AVG")
+        assert len(query(running, *sparse)) == 2
+        assert len(query(running, *sparse, fill="zero")) == 5
+        # A point before start changes what "previous" carries into the range: the entry
+        # must go although the point lies outside [start, end).
+        carried = query(running, *sparse, fill="previous")
+        assert [t for t, _, _ in carried] == [YEAR_START, YEAR_START + HOUR]
+        repository.upsert_points(ASSET, [(YEAR_START - 4 * HOUR, 42.0)])
+        assert wait_for(lambda: len(query(running, *sparse, fill="previous")) == 5)
+    finally:
+        listener.close()
+        running.close()
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"window": "15m", "aggregation": "AVG"},
+        {"window": "1h", "aggregation": "FIRST", "timezone": "Europe/Berlin", "fill": "linear"},
+        {"window": "1d", "aggregation": "SUM", "timezone": "America/New_York", "fill": "zero"},
+        {"window": "1mo", "aggregation": "COUNT", "timezone": "Australia/Lord_Howe"},
+    ],
+)
+def test_stream_answers_the_same_query_in_pages(repository, fields):
+    running = RunningService(repository, assets=(ASSET,), max_points=100000, page_points=7)
+    try:
+        points = gappy_points()
+        repository.upsert_points(ASSET, points)
+        start_s, end_s = YEAR_START - 2 * DAY, YEAR_START + 3 * DAY
+        unary = triples(running.stub.QueryTimeSeries(request(start_s, end_s, **fields)).data)
+        streamed, sizes = stream(running, start_s, end_s, **fields)
+        assert streamed == unary and unary
+        assert all(size == 7 for size in sizes[:-1]) and 1 <= sizes[-1] <= 7
+    finally:
+        running.close()
+
+
+def test_stream_has_no_overall_cap_and_an_empty_answer_has_no_pages(repository):
+    running = RunningService(repository, assets=(ASSET,), max_points=10, page_points=4)
+    try:
+        repository.upsert_points(ASSET, series(YEAR_START, 96))
+        code, _ = status_of(lambda: query(running, YEAR_START, YEAR_START + DAY, "15m", "SUM"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        points, sizes = stream(running, YEAR_START, YEAR_START + DAY, "15m", "SUM")
+        assert len(points) == 96 and sizes == [4] * 24
+        assert stream(running, YEAR_START + DAY, YEAR_START + 2 * DAY, "15m", "SUM") == ([], [])
+    finally:
+        running.close()
+
+
+def _sessions(dsn: str, *states: str) -> int:
+    """Client sessions of the test database in one of `states`, other than the one asking.
+
+    Only client backends count: TimescaleDB runs its job scheduler and jobs as background
+    workers connected to each database, and they come and go on their own.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend'"
+            " AND state = ANY(%s) AND pid <> pg_backend_pid()",
+            (list(states),),
+        ).fetchone()[0]
+
+
+def test_cancelling_a_stream_midway_releases_its_connection(dsn):
+    # One connection in the pool: the query after the cancelled stream needs it back.
+    with Repository(dsn=dsn, max_connections=1, connect_timeout_s=3) as repo:
+        repo.migrate()
+        # Far more than HTTP/2 flow control lets the server send ahead of the client.
+        repo.upsert_points(ASSET, series(YEAR_START, 730 * 96))
+        running = RunningService(repo, assets=(ASSET,), max_points=100000, page_points=10)
         try:
-            call()
-            codes.append(grpc.StatusCode.OK)
-        except grpc.RpcError as error:
-            codes.append(error.code())
-    return codes
+            call = running.stub.StreamTimeSeries(request(YEAR_START, YEAR_START + 730 * DAY, "15m"))
+            first = next(call)
+            assert len(first.data) == 10
+            # The stream holds its cursor open on the only connection.
+            assert _sessions(dsn, "idle in transaction", "active") == 1
+            call.cancel()
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+            assert wait_for(lambda: _sessions(dsn, "idle in transaction") == 0)
+            assert len(query(running, YEAR_START, YEAR_START + DAY, "1h", "SUM")) == 24
+        finally:
+            running.close()
 
 
-RATE_LIMITED = {"EDGECOM_RATE_LIMIT_RPS": "0.001", "EDGECOM_RATE_LIMIT_BURST": "10"}
-OK, REFUSED = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-def test_a_fresh_client_id_per_call_does_not_escape_the_rate_limit(start_service):
-    service = start_service(**RATE_LIMITED)
-    service.wait_serving()
-    stub = service.stub()
-    codes = burst_outcomes(
-        lambda i=i: stub.ListAssets(
-            edgecom.protos.ListAssetsRequest(), metadata=(("x-client-id", f"fresh-{i}"),)
+def test_cancelling_a_stream_stops_its_database_work(service, dsn):
+    service.repository.upsert_points(ASSET, series(YEAR_START, 96))
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE points IN ACCESS EXCLUSIVE MODE")
+        call = service.stub.StreamTimeSeries(
+            request(YEAR_START, YEAR_START + DAY, "1h", timezone="Europe/Berlin")
         )
-        for i in range(100)
+        outcome: list[grpc.StatusCode] = []
+
+        def consume() -> None:
+            try:
+                list(call)
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        assert wait_for(lambda: _sessions(dsn, "active") == 1)
+        call.cancel()
+        consumer.join(10)
+        assert outcome == [grpc.StatusCode.CANCELLED]
+        assert wait_for(lambda: _sessions(dsn, "active") == 0, timeout_s=5)
+    # The connection went back usable.
+    assert len(query(service, YEAR_START, YEAR_START + DAY, "1h", "SUM")) == 24
+
+
+def test_stream_deadline_is_deadline_exceeded(service, dsn):
+    service.repository.upsert_points(ASSET, series(YEAR_START, 96))
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE points IN ACCESS EXCLUSIVE MODE")
+        call = service.stub.StreamTimeSeries(request(YEAR_START, YEAR_START + DAY), timeout=0.5)
+        code, _ = status_of(lambda: list(call))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_for(lambda: _sessions(dsn, "active") == 0, timeout_s=5)
+
+
+def test_stream_passes_auth_rate_limit_metrics_and_log_but_not_the_cache(repository, caplog):
+    config = Config(
+        upstream=UpstreamConfig(assets=(ASSET,)),
+        auth=AuthConfig(tokens=("s3cret",)),
+        # The call without a token takes one too: the rate limit comes first.
+        rate_limit=RateLimitConfig(rps=0.001, burst=4),
     )
-    assert codes == [OK] * 10 + [REFUSED] * 90
-
-
-def test_trusted_client_ids_get_a_bucket_each(start_service):
-    service = start_service(**RATE_LIMITED, EDGECOM_RATE_LIMIT_TRUST_CLIENT_ID="true")
-    service.wait_serving()
-    stub = service.stub()
-
-    def list_assets_as(client_id: str) -> Callable[[], object]:
-        metadata = (("x-client-id", client_id),)
-        return lambda: stub.ListAssets(edgecom.protos.ListAssetsRequest(), metadata=metadata)
-
-    assert burst_outcomes(list_assets_as(f"meter-{i % 5}") for i in range(50)) == [OK] * 50
-    assert burst_outcomes(list_assets_as("meter-0") for _ in range(2)) == [REFUSED] * 2
-    assert burst_outcomes([list_assets_as("meter-5")]) == [OK]
-
-
-def test_wrong_token_guesses_are_rate_limited(start_service):
-    service = start_service(**RATE_LIMITED, EDGECOM_AUTH_TOKENS="s3cret")
-    service.wait_serving()
-    stub = service.stub()
-    codes = burst_outcomes(
-        lambda i=i: stub.ListAssets(
-            edgecom.protos.ListAssetsRequest(), metadata=(("authorization", f"Bearer guess-{i}"),)
-        )
-        for i in range(50)
+    metrics = Metrics()
+    cache = QueryCache(100, metrics=metrics)
+    interceptors = edgecom.interceptors_for(config, metrics=metrics, cache=cache)
+    running = RunningService(
+        repository, assets=(ASSET,), max_points=1000, page_points=5, interceptors=interceptors
     )
-    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 10 + [REFUSED] * 40
-    # The right token from the same peer waits for the refill like any other call.
-    code, details = status_of(
-        lambda: stub.ListAssets(
-            edgecom.protos.ListAssetsRequest(), metadata=(("authorization", "Bearer s3cret"),)
-        )
-    )
-    assert code == REFUSED and "for client '127.0.0.1'" in details
+    try:
+        repository.upsert_points(ASSET, series(YEAR_START, 96))
+        req = request(YEAR_START, YEAR_START + DAY, "1h", "SUM")
+        code, _ = status_of(lambda: list(running.stub.StreamTimeSeries(req)))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        token = (("authorization", "Bearer s3cret"),)
+        # By request id: the refused call's line may land late, while INFO is captured.
+        ids = [f"stream-{i}" for i in range(3)]
+        with caplog.at_level("INFO", logger="interceptors"):
+            for request_id in ids:
+                metadata = (*token, ("x-request-id", request_id))
+                pages = list(running.stub.StreamTimeSeries(req, metadata=metadata))
+                assert sum(len(page.data) for page in pages) == 24
+        code, details = status_of(lambda: list(running.stub.StreamTimeSeries(req, metadata=token)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in details
+        method = "/edgecom.TimeSeriesService/StreamTimeSeries"
+        sample = metrics.registry.get_sample_value
+        assert sample("edgecom_grpc_requests_total", {"method": method, "code": "OK"}) == 3
+        assert sample("edgecom_grpc_request_duration_seconds_count", {"method": method}) == 5
+        lines = [r for r in caplog.records if getattr(r, "request_id", None) in ids]
+        assert all(r.method == method for r in lines)
+        assert [(r.code, r.points, r.cache) for r in lines] == [("OK", 24, None)] * 3
+        assert len(cache) == 0
+    finally:
+        running.close()
 
 
-def process_rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
+    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 @pytest.mark.slow
-def test_service_memory_stays_flat_under_many_distinct_large_answers(start_service, dsn):
-    max_bytes = 4 * 2**20
-    metrics_port = free_port()
-    service = start_service(
-        EDGECOM_CACHE_MAX_BYTES=str(max_bytes), EDGECOM_METRICS_PORT=str(metrics_port)
+def test_ten_years_stream_with_flat_server_memory(repository, dsn, capsys):
+    count = 350_640  # ten years of quarter-hours
+    start_s = 1_420_070_400  # 2015-01-01T00:00:00Z
+    # Written by the database itself, so that loading leaves nothing in this process's heap.
+    insert_quarter_hours(dsn, start_s, count)
+    running = RunningService(repository, assets=(ASSET,), max_points=100000)
+    try:
+        end_s = start_s + count * QUARTER
+        req = request(start_s, end_s, "15m", "AVG", timezone="Europe/Berlin", fill="zero")
+        # A first, short stream allocates what any call needs once (buffers, caches).
+        list(running.stub.StreamTimeSeries(request(start_s, start_s + DAY, "15m")))
+        gc.collect()
+        baseline = peak = _rss_bytes()
+        received = 0
+        last = None
+        for page in running.stub.StreamTimeSeries(req):
+            assert len(page.data) <= PAGE_POINTS
+            received += len(page.data)
+            last = page.data[-1].time.seconds
+            peak = max(peak, _rss_bytes())
+        growth = peak - baseline
+        assert received == count and last == end_s - QUARTER
+        # What holding the whole answer at once would take, for scale.
+        gc.collect()
+        before = _rss_bytes()
+        whole = edgecom.protos.TimeSeriesResponse()
+        for i in range(count):
+            point = whole.data.add()
+            point.time.seconds, point.value, point.count = start_s + i * QUARTER, 1.0, 1
+        materialized = _rss_bytes() - before
+        del whole
+        with capsys.disabled():
+            print(
+                f"\nstreamed {received} points: server RSS grew {growth / 2**20:.1f} MiB "
+                f"(one response holding them all: {materialized / 2**20:.1f} MiB)"
+            )
+        assert growth < materialized / 2
+    finally:
+        running.close()
+
+
+# --- grpcurl ----------------------------------------------------------------------------------
+
+
+def test_readme_monthly_energy_query_with_grpcurl(year_service, year, grpcurl):
+    # As in the README: the year 2024 in Berlin, from local midnight to local midnight.
+    body = {
+        "start": "2024-01-01T00:00:00+01:00",
+        "end": "2025-01-01T00:00:00+01:00",
+        "window": "1mo",
+        "aggregation": "SUM",
+        "timezone": "Europe/Berlin",
+    }
+    output = run_grpcurl(
+        grpcurl,
+        "-d",
+        json.dumps(body),
+        year_service.address,
+        "edgecom.TimeSeriesService/QueryTimeSeries",
     )
-    service.wait_serving()
-    half_year = 17_520  # quarter-hours: about 370 KB serialized, 1.5 MB as a parsed message
-    distinct, warm_up = 120, 30
-    insert_quarter_hours(dsn, T0, half_year + distinct)
-    stub = service.stub()
-    rss = []
-    for i in range(distinct):
-        start_s = T0 + i * QUARTER
-        answer = stub.QueryTimeSeries(
-            request(start_s, start_s + half_year * QUARTER, "15m", "AVG"), timeout=60
+    answer = json.loads(output)["data"]
+    assert [p["time"] for p in answer[:4]] == [
+        "2023-12-31T23:00:00Z",
+        "2024-01-31T23:00:00Z",
+        "2024-02-29T23:00:00Z",
+        "2024-03-31T22:00:00Z",
+    ]
+    assert len(answer) == 12
+    # int64 is a string in JSON. March loses an hour to DST and October gains one.
+    counts = [int(p["count"]) for p in answer]
+    assert counts[:3] == [31 * 96, 29 * 96, 31 * 96 - 4] and counts[9] == 31 * 96 + 4
+    start_s, end_s = YEAR_START - HOUR, YEAR_END - HOUR
+    expected = reference(year, start_s, end_s, "1mo", "SUM", ZoneInfo("Europe/Berlin"))
+    assert [p["value"] for p in answer] == pytest.approx([v for _, v, _ in expected], rel=1e-9)
+    streamed = run_grpcurl(
+        grpcurl,
+        "-d",
+        json.dumps({**body, "window": "1d", "fill": "zero"}),
+        year_service.address,
+        "edgecom.TimeSeriesService/StreamTimeSeries",
+    )
+    assert streamed.count('"time"') == 366
+
+
+# --- streams cannot starve queries or ingestion ----------------------------------------------
+
+# Ten years of quarter-hours: far more than HTTP/2 flow control lets the server send ahead of
+# a client that has stopped reading, so an unread stream stays open on its connection.
+LONG_COUNT = 350_640
+LONG_START = 1_420_070_400  # 2015-01-01T00:00:00Z
+
+
+@pytest.fixture(scope="module")
+def long_dsn(server_dsn: str) -> Iterator[str]:
+    """A database whose first asset holds ten years of quarter-hours; only read from."""
+    with fresh_database(server_dsn) as database:
+        with Repository(dsn=database, max_connections=1) as repo:
+            repo.migrate()
+        insert_quarter_hours(database, LONG_START, LONG_COUNT)
+        yield database
+
+
+def long_request():
+    return request(LONG_START, LONG_START + LONG_COUNT * QUARTER, "15m")
+
+
+def read_first_page(call) -> grpc.StatusCode:
+    """Take one page of a stream and leave the rest unread; returns how the first read went."""
+    try:
+        next(call)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def test_unread_streams_leave_connections_for_queries_and_ingestion(long_dsn):
+    with Repository(dsn=long_dsn, max_connections=3, connect_timeout_s=1) as repo:
+        running = RunningService(repo, assets=(ASSET, OTHER_ASSET), max_points=1000, max_streams=2)
+        calls = [running.stub.StreamTimeSeries(long_request()) for _ in range(4)]
+        try:
+            # More streams than the pool has connections, none of them read past a page.
+            outcomes = [read_first_page(call) for call in calls]
+            assert len(query(running, LONG_START, LONG_START + DAY, "1h", "SUM")) == 24
+            written = repo.upsert_points(OTHER_ASSET, series(LONG_START, 96))
+            assert written.changed == 96
+            assert outcomes.count(grpc.StatusCode.OK) == 2
+        finally:
+            for call in calls:
+                call.cancel()
+            running.close()
+            with psycopg.connect(long_dsn, autocommit=True) as conn:
+                conn.execute("DELETE FROM points WHERE asset_id = %s", (OTHER_ASSET,))
+
+
+def test_a_stream_beyond_max_streams_is_resource_exhausted_at_once(long_dsn):
+    with Repository(dsn=long_dsn, max_connections=2, connect_timeout_s=1) as repo:
+        running = RunningService(repo, assets=(ASSET,), max_points=1000, max_streams=1)
+        first = running.stub.StreamTimeSeries(long_request())
+        try:
+            assert read_first_page(first) == grpc.StatusCode.OK
+            code, details = status_of(lambda: list(running.stub.StreamTimeSeries(long_request())))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "query.max_streams" in details and "1" in details
+            assert "QueryTimeSeries" in details and "retry" in details
+            first.cancel()
+
+            def admitted() -> bool:
+                try:
+                    return len(stream(running, LONG_START, LONG_START + DAY, "1h")[0]) == 24
+                except grpc.RpcError:
+                    return False
+
+            # The slot is free again once the stream has ended.
+            assert wait_for(admitted)
+        finally:
+            first.cancel()
+            running.close()
+
+
+def test_an_unread_stream_ends_after_the_idle_timeout_and_frees_its_connection(long_dsn):
+    with Repository(dsn=long_dsn, max_connections=2, connect_timeout_s=1) as repo:
+        running = RunningService(
+            repo, assets=(ASSET,), max_points=1000, max_streams=1, stream_idle_timeout_s=1
         )
-        assert len(answer.data) == half_year
-        rss.append(process_rss_bytes(service.proc.pid))
-    samples = scrape(metrics_port)
-    assert 0 < samples[("edgecom_cache_bytes", ())] <= max_bytes
-    assert samples[("edgecom_cache_entries", ())] < warm_up
-    # Once the cache is full, more distinct answers replace entries instead of adding memory
-    # (about 1 MiB in all, measured); without the byte bound each one would add 370 KB held
-    # serialized, 1.5 MB held as a message.
-    growth = rss[-1] - rss[warm_up - 1]
-    assert growth < 12 * 2**20, (
-        f"RSS grew {growth / 2**20:.0f} MiB over {distinct - warm_up} answers"
-    )
-
-
-# --- limits: worker threads and queued calls ---------------------------------------------------
-
-
-def first_reply(stream: Any) -> grpc.StatusCode:
-    """OK when the stream answers, else the code it ends with."""
-    try:
-        next(stream)
-        return OK
-    except grpc.RpcError as error:
-        return error.code()
-
-
-def open_reflection_stream(channel: grpc.Channel, until: threading.Event) -> Any:
-    """A reflection stream that asks once and then keeps its request side open until `until`."""
-
-    def requests() -> Iterator[Any]:
-        yield reflection_pb2.ServerReflectionRequest(list_services="")
-        until.wait()
-
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    return stub.ServerReflectionInfo(requests(), timeout=60)
-
-
-def test_open_health_and_reflection_streams_leave_workers_for_queries(start_service, repository):
-    repository.upsert_points(ASSET, [(T0, 1.0)])
-    service = start_service(
-        EDGECOM_SERVER_MAX_WORKERS="4",
-        EDGECOM_SERVER_MAX_OPEN_STREAMS="2",
-        EDGECOM_QUERY_MAX_STREAMS="1",
-    )
-    service.wait_serving()
-    # One client opens more never-ending streams than there are workers and never closes them.
-    hog, done = service.channel(), threading.Event()
-    try:
-        health_stub = health_pb2_grpc.HealthStub(hog)
-        watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(6)]
-        reflections = [open_reflection_stream(hog, done) for _ in range(6)]
-        # Another client still gets its answer, well within a short deadline.
-        answer = service.stub().QueryTimeSeries(request(T0, T0 + DAY, "1d", "AVG"), timeout=2)
-        assert points_of(answer) == [(T0, 1.0)]
-        codes = [first_reply(stream) for stream in (*watches, *reflections)]
-        assert sorted(codes, key=lambda code: code.name) == [OK] * 2 + [REFUSED] * 10
-        _, details = status_of(lambda: next(health_stub.Watch(health_pb2.HealthCheckRequest())))
-        assert "server.max_open_streams" in details
-    finally:
-        done.set()
-
-
-def test_calls_beyond_max_concurrent_rpcs_are_refused_instead_of_queued(
-    start_service, repository, dsn
-):
-    repository.upsert_points(ASSET, [(T0, 1.0)])
-    service = start_service(
-        EDGECOM_SERVER_MAX_WORKERS="3",
-        EDGECOM_SERVER_MAX_OPEN_STREAMS="1",
-        EDGECOM_QUERY_MAX_STREAMS="1",
-        EDGECOM_SERVER_MAX_CONCURRENT_RPCS="4",
-    )
-    service.wait_serving()
-    stub = service.stub()
-    query = request(T0, T0 + DAY, "1d", "AVG")
-    blocker = lock_points(dsn)
-    try:
-        # Three queries take every worker and wait for the lock; a fourth waits for a worker.
-        running = [stub.QueryTimeSeries.future(query, timeout=30) for _ in range(3)]
-        assert wait_for(lambda: bucket_queries_waiting_for_a_lock(dsn) == 3)
-        queued = stub.QueryTimeSeries.future(query, timeout=30)
-        code, _ = status_of(lambda: stub.QueryTimeSeries(query, timeout=3))
-        assert code == REFUSED
-        assert not queued.done()
-    finally:
-        blocker.close()
-    for call in (*running, queued):
-        assert points_of(call.result()) == [(T0, 1.0)]
-
-
-def test_go_service_config_with_the_asset_in_its_url_loads_and_ingests(dsn, tmp_path, simulator):
-    # The Go service's k8s config names one asset by its literal id in server.url.
-    url = simulator.url_template.replace("{asset_id}", ASSET)
-    path = tmp_path / "config.yaml"
-    path.write_text(f'server:\n  url: "{url}"\n')
-    env = service_env(
-        EDGECOM_CONFIG=str(path),
-        EDGECOM_DATABASE_URL=dsn,
-        EDGECOM_SERVER_HOST="127.0.0.1",
-        EDGECOM_SERVER_PORT="0",
-        EDGECOM_METRICS_PORT="0",
-        EDGECOM_LOGGING_FORMAT="json",
-        EDGECOM_UPSTREAM_BOOTSTRAP="1d",
-    )
-    service = ServiceProcess(tmp_path / "edgecom.log", env)
-    try:
-        service.wait_serving()
-        assets = service.stub().ListAssets(edgecom.protos.ListAssetsRequest()).assets
-        assert [asset.asset_id for asset in assets] == [ASSET]
-
-        def fetched() -> bool:
-            return any(r.asset_id == ASSET and r.status == 200 for r in simulator.requests)
-
-        assert wait_for(fetched, timeout_s=30), service.log_text()
-    finally:
-        service.close()
+        call = running.stub.StreamTimeSeries(long_request())
+        try:
+            assert read_first_page(call) == grpc.StatusCode.OK
+            assert _sessions(long_dsn, "idle in transaction", "active") == 1
+            # Ended on the server while the client still reads nothing.
+            assert wait_for(lambda: _sessions(long_dsn, "idle in transaction", "active") == 0)
+            # What was sent ahead still arrives, then the reason the stream ended.
+            code, details = status_of(lambda: list(call))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "query.stream_idle_timeout" in details and "1s" in details
+            # Its slot and connection are back: a new stream and a pool's worth of queries.
+            assert len(stream(running, LONG_START, LONG_START + DAY, "1h")[0]) == 24
+            answers = [
+                running.stub.QueryTimeSeries.future(
+                    request(LONG_START, LONG_START + DAY, "1h"), timeout=10
+                )
+                for _ in range(2)
+            ]
+            assert [len(answer.result().data) for answer in answers] == [24, 24]
+        finally:
+            call.cancel()
+            running.close()
