@@ -44,6 +44,7 @@ from interceptors import (
     QueryCache,
     RateLimitInterceptor,
     RequestLogInterceptor,
+    handler_kind,
 )
 from metrics import IngestMetrics, Metrics, start_metrics_server
 from repository import ChangeListener, DatabaseUnavailable, EmbeddedPostgres, Repository
@@ -113,14 +114,7 @@ def _decoding(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | 
     """
     if handler is None or handler.request_deserializer is None:
         return handler
-    if handler.request_streaming and handler.response_streaming:
-        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    else:
-        behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    behavior, make = handler_kind(handler)
 
     if handler.request_streaming:
 

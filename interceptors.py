@@ -73,6 +73,19 @@ def current_call() -> CallInfo | None:
     return _CALL.get()
 
 
+def handler_kind(
+    handler: grpc.RpcMethodHandler,
+) -> tuple[Callable[..., Any], Callable[..., grpc.RpcMethodHandler]]:
+    """The behavior of a handler and the grpc factory that makes a handler of its kind."""
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
 def _wrap(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandler:
     """Return a handler of the same kind whose behavior runs inside the generator around.
 
@@ -82,15 +95,7 @@ def _wrap(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandl
     calling proceed(). Code after its last yield runs when the call ends, so one generator
     serves unary and streaming calls alike.
     """
-    if handler.request_streaming and handler.response_streaming:
-        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    else:
-        behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-
+    behavior, make = handler_kind(handler)
     if handler.response_streaming:
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
