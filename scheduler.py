@@ -115,11 +115,15 @@ class Ingestor:
         clock: Callable[[], float] = time.time,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
     ) -> None:
+        if chunk_s < STEP_S:
+            raise ValueError(
+                f"chunk_s must be at least {STEP_S} s, the upstream's step, got {chunk_s:g}"
+            )
         self._client = client
         self._repository = repository
         self._assets = tuple(assets)
         self._bootstrap_s = int(bootstrap_s)
-        self._chunk_s = max(STEP_S, int(chunk_s))
+        self._chunk_s = int(chunk_s)
         self._concurrency = max(1, concurrency)
         self._overlap_s = int(overlap_s)
         self._observer = observer or _QuietObserver()

@@ -1134,3 +1134,10 @@ def test_scheduler_drives_the_ingestor_without_waiting_for_the_bootstrap(
         assert stored(dsn, asset_id) == sim.points(asset_id, start, end)
         repeats = Counter(fetched(sim, asset_id)[18:])
         assert set(repeats) == {(end - HOUR, end)}
+
+
+def test_a_chunk_shorter_than_the_upstreams_step_is_refused_not_raised(make_ingestor):
+    # A chunk below 15 minutes would ask for ranges that hold no point; it is a mistake to
+    # report, not to correct silently.
+    with pytest.raises(ValueError, match="chunk_s must be at least 900"):
+        make_ingestor(chunk_s=60)
