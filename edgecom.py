@@ -13,7 +13,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -38,13 +38,13 @@ from interceptors import (
     AuthInterceptor,
     CacheInterceptor,
     CacheKey,
+    DecodingRegistrar,
     DrainInterceptor,
     MetricsInterceptor,
     OpenStreamLimitInterceptor,
     QueryCache,
     RateLimitInterceptor,
     RequestLogInterceptor,
-    handler_kind,
 )
 from metrics import IngestMetrics, Metrics, start_metrics_server
 from repository import ChangeListener, DatabaseUnavailable, EmbeddedPostgres, Repository
@@ -65,97 +65,11 @@ VERSION = "0.1.0"
 HEALTH_CHECK_INTERVAL_S = 5.0
 # How long closing the database watch waits for its thread, which may be in a check.
 WATCH_JOIN_TIMEOUT_S = 10.0
-# Requests shown in error messages are cut to a few hundred characters.
-_SHOWN_ERROR_CHARS = 256
 
 log = logging.getLogger("edgecom")
 
 
 # --- server --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Undecodable:
-    """Request bytes that are not a valid message of the method's request type."""
-
-    error: str
-
-
-def _total(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """A deserializer that returns _Undecodable instead of raising."""
-
-    def decode(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as exc:
-            # Whatever the bytes make a decoder raise, the client chose them.
-            return _Undecodable(str(exc) or type(exc).__name__)
-
-    return decode
-
-
-def _decoded(request: Any, context: grpc.ServicerContext) -> Any:
-    """Return the request, or abort the call with INVALID_ARGUMENT if it did not decode."""
-    if isinstance(request, _Undecodable):
-        log.debug("request does not decode: %s", request.error)
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request does not decode ({request.error[:_SHOWN_ERROR_CHARS]}): send a "
-            "serialized protobuf message of the method's request type, strings in UTF-8",
-        )
-    return request
-
-
-def _decoding(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
-    """The handler with a deserializer that never raises; its behavior refuses what did not
-    decode. grpcio answers a raising deserializer with INTERNAL and an ERROR traceback per call.
-
-    Interceptors between see an _Undecodable request and pass it on; the call ends here.
-    """
-    if handler is None or handler.request_deserializer is None:
-        return handler
-    behavior, make = handler_kind(handler)
-
-    if handler.request_streaming:
-
-        def refusing(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            return behavior((_decoded(request, context) for request in requests), context)
-
-    else:
-
-        def refusing(request: Any, context: grpc.ServicerContext) -> Any:
-            return behavior(_decoded(request, context), context)
-
-    return make(
-        refusing,
-        request_deserializer=_total(handler.request_deserializer),
-        response_serializer=handler.response_serializer,
-    )
-
-
-class _DecodingGenericHandler(grpc.GenericRpcHandler):
-    def __init__(self, handler: grpc.GenericRpcHandler) -> None:
-        self._handler = handler
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        return _decoding(self._handler.service(handler_call_details))
-
-
-class _DecodingRegistrar:
-    """Stands in for the server in the generated add_*_to_server functions, so that every
-    handler they register decodes requests with _decoding."""
-
-    def __init__(self, server: grpc.Server) -> None:
-        self._server = server
-
-    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(map(_DecodingGenericHandler, handlers)))
-
-    def add_registered_method_handlers(
-        self, service_name: str, handlers: Mapping[str, grpc.RpcMethodHandler]
-    ) -> None:
-        wrapped = {name: _decoding(handler) for name, handler in handlers.items()}
-        self._server.add_registered_method_handlers(service_name, wrapped)
 
 
 def create_server(
@@ -178,7 +92,7 @@ def create_server(
         interceptors=tuple(interceptors),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    registrar: Any = _DecodingRegistrar(server)
+    registrar: Any = DecodingRegistrar(server)
     services.add_TimeSeriesServiceServicer_to_server(servicer, registrar)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     service_names = (

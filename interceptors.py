@@ -1,4 +1,5 @@
-"""gRPC server interceptors: request log, metrics, authentication, rate limit and query cache."""
+"""gRPC server interceptors (request log, metrics, limits, authentication, query cache) and the
+request decoding every handler is registered with."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import urllib.parse
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -734,3 +735,93 @@ class CacheInterceptor(_WrappingInterceptor):
         if context.code() in (None, grpc.StatusCode.OK):
             self._cache.put(key, response, generation)
         yield response
+
+
+# --- request decoding -----------------------------------------------------------------------
+
+# How much of a decoder's error a refusal quotes.
+_SHOWN_ERROR_CHARS = 256
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Request bytes that are not a valid message of the method's request type."""
+
+    error: str
+
+
+def _total(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A deserializer that returns _Undecodable instead of raising."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            # Whatever the bytes make a decoder raise, the client chose them.
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return decode
+
+
+def _decoded(request: Any, context: grpc.ServicerContext) -> Any:
+    """Return the request, or abort the call with INVALID_ARGUMENT if it did not decode."""
+    if isinstance(request, _Undecodable):
+        _LOG.debug("request does not decode: %s", request.error)
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request does not decode ({request.error[:_SHOWN_ERROR_CHARS]}): send a "
+            "serialized protobuf message of the method's request type, strings in UTF-8",
+        )
+    return request
+
+
+def _decoding(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    """The handler with a deserializer that never raises; its behavior refuses what did not
+    decode. grpcio answers a raising deserializer with INTERNAL and an ERROR traceback per call.
+
+    Interceptors between see an _Undecodable request and pass it on; the call ends here.
+    """
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    behavior, make = handler_kind(handler)
+
+    if handler.request_streaming:
+
+        def refusing(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behavior((_decoded(request, context) for request in requests), context)
+
+    else:
+
+        def refusing(request: Any, context: grpc.ServicerContext) -> Any:
+            return behavior(_decoded(request, context), context)
+
+    return make(
+        refusing,
+        request_deserializer=_total(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _DecodingGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, handler: grpc.GenericRpcHandler) -> None:
+        self._handler = handler
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        return _decoding(self._handler.service(handler_call_details))
+
+
+class DecodingRegistrar:
+    """Stands in for the server in the generated add_*_to_server functions, so that every
+    handler they register decodes requests with _decoding."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(map(_DecodingGenericHandler, handlers)))
+
+    def add_registered_method_handlers(
+        self, service_name: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrapped = {name: _decoding(handler) for name, handler in handlers.items()}
+        self._server.add_registered_method_handlers(service_name, wrapped)
