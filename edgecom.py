@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api_client import ApiClient
+from change_listener import ChangeListener
 from config import (
     Config,
     ConfigError,
@@ -47,7 +48,7 @@ from interceptors import (
     RequestLogInterceptor,
 )
 from metrics import IngestMetrics, Metrics, start_metrics_server
-from repository import ChangeListener, DatabaseUnavailable, EmbeddedPostgres, Repository
+from repository import DatabaseUnavailable, EmbeddedPostgres, Repository
 from scheduler import Ingestor, Scheduler
 from service import (
     GO_SERVICE_NAME,

@@ -13,7 +13,8 @@ import pytest
 from conftest import ASSET, OTHER_ASSET, wait_for
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from repository import LISTENER_APPLICATION_NAME, NOTIFY_CHANNEL, ChangeListener
+from change_listener import LISTENER_APPLICATION_NAME, ChangeListener
+from repository import NOTIFY_CHANNEL
 
 T0 = 1_700_006_400
 UNREACHABLE_DSN = "postgresql://nobody@127.0.0.1:1/none"
@@ -141,7 +142,7 @@ def test_a_write_through_another_replica_is_reported(repository, dsn):
 
 
 def test_a_write_that_changes_nothing_is_not_reported(repository, dsn, caplog):
-    caplog.set_level(logging.WARNING, logger="repository")
+    caplog.set_level(logging.WARNING, logger="change_listener")
     points = [(T0, 1.0), (T0 + 900, 2.0)]
     repository.upsert_points(ASSET, points)
     recorder = Recorder()
@@ -157,7 +158,7 @@ def test_a_write_that_changes_nothing_is_not_reported(repository, dsn, caplog):
 
 
 def test_malformed_payloads_and_failing_callbacks_do_not_stop_the_listener(dsn, caplog):
-    caplog.set_level(logging.WARNING, logger="repository")
+    caplog.set_level(logging.WARNING, logger="change_listener")
     recorder = Recorder()
     calls = []
 
@@ -191,7 +192,7 @@ def test_malformed_payloads_and_failing_callbacks_do_not_stop_the_listener(dsn, 
 
 
 def test_a_terminated_connection_is_reopened_and_reported_once(repository, dsn, caplog):
-    caplog.set_level(logging.INFO, logger="repository")
+    caplog.set_level(logging.INFO, logger="change_listener")
     recorder = Recorder()
     with recorder.listener(dsn) as listener:
         assert listener.wait_listening(10)
@@ -221,7 +222,7 @@ def test_a_terminated_connection_is_reopened_and_reported_once(repository, dsn, 
 
 
 def test_an_outage_is_logged_once_and_ends_in_one_reconnect(repository, dsn, caplog):
-    caplog.set_level(logging.DEBUG, logger="repository")
+    caplog.set_level(logging.DEBUG, logger="change_listener")
     recorder = Recorder()
     proxy = CuttableProxy(dsn)
     try:
@@ -270,7 +271,7 @@ def test_close_twice_stops_the_thread_and_the_connection(dsn):
 
 
 def test_an_unreachable_database_is_retried_with_backoff_until_closed(caplog):
-    caplog.set_level(logging.DEBUG, logger="repository")
+    caplog.set_level(logging.DEBUG, logger="change_listener")
     recorder = Recorder()
     before = set(threading.enumerate())
     started = time.monotonic()

@@ -39,10 +39,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 import edgecom
+from change_listener import LISTENER_APPLICATION_NAME
 from config import CacheConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
 from metrics import Metrics
-from repository import LISTENER_APPLICATION_NAME
 from simulator import Simulator
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

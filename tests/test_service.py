@@ -37,10 +37,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, ti
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import edgecom
+from change_listener import ChangeListener
 from config import AuthConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
 from metrics import Metrics
-from repository import ChangeListener, Repository
+from repository import Repository
 from service import PAGE_POINTS, parse_bucket_window
 
 TimeSeriesRequest = edgecom.protos.TimeSeriesRequest
