@@ -341,12 +341,13 @@ def growth_rows(one: dict[str, tuple], many: dict[str, tuple], assets: int) -> l
     for name in one:
         # P4 is a throughput, the others times: above 1 is slower either way.
         ratio = one[name][0] / many[name][0] if name == "P4" else many[name][0] / one[name][0]
+        unit = "/s" if name == "P4" else "ms"
         rows.append(
             Row(
                 f"growth {name}",
                 assets,
-                f"{many[name][0]:.2f}",
-                f"{one[name][0]:.2f}",
+                f"{many[name][0]:,.1f} {unit}",
+                f"{one[name][0]:,.1f} {unit}",
                 ratio,
                 "<= 1.2x",
                 ratio <= 1.2,
@@ -408,7 +409,7 @@ def ingest_row(server: str, assets: list[str], timeout_s: float) -> Row:
         ">= 1x 150k",
         rate >= 150_000,
         f"{points:,} pts in {elapsed_s:.1f} s (SERVING at {serving_s:.1f} s);"
-        f" reference {rate / reference:.2f}x",
+        f" {rate / reference:.2f}x the upsert",
     )
 
 
@@ -432,7 +433,8 @@ def print_table(rows: list[Row]) -> None:
     ]
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
     for line in [header, *cells]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+        cells_padded = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells_padded).rstrip())
 
 
 def main() -> None:
