@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -43,8 +45,8 @@ def server_dsn(dsn: str | None) -> Iterator[str]:
 
 
 @contextmanager
-def scratch_database(server: str, *, start_s: int, count: int) -> Iterator[str]:
-    """A migrated database holding `count` quarter-hours of ASSET from `start_s`; dropped after."""
+def empty_database(server: str) -> Iterator[str]:
+    """A migrated database with no points on `server`; dropped after."""
     name = f"edgecom_bench_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -52,6 +54,16 @@ def scratch_database(server: str, *, start_s: int, count: int) -> Iterator[str]:
     try:
         with Repository(dsn=dsn) as repo:
             repo.migrate()
+        yield dsn
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def scratch_database(server: str, *, start_s: int, count: int) -> Iterator[str]:
+    """A migrated database holding `count` quarter-hours of ASSET from `start_s`; dropped after."""
+    with empty_database(server) as dsn:
         with psycopg.connect(dsn) as conn:
             conn.execute(
                 "INSERT INTO points (asset_id, time, value)"
@@ -61,9 +73,33 @@ def scratch_database(server: str, *, start_s: int, count: int) -> Iterator[str]:
             )
             conn.execute("ANALYZE points")
         yield dsn
-    finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def asset_ids(count: int) -> list[str]:
+    """ASSET and `count - 1` more stable asset ids."""
+    others = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"edgecom-bench-{i}")) for i in range(1, count)]
+    return [ASSET, *others]
+
+
+def copy_points(dsn: str, assets: list[str], *, start_s: int, count: int) -> None:
+    """COPY `count` quarter-hours of every asset from `start_s`, interleaved in time.
+
+    Rows go in time order, all assets at one time before the next, as polling writes them,
+    so one asset's points are spread over the table rather than stored together.
+    """
+    with (
+        psycopg.connect(dsn) as conn,
+        conn.cursor().copy("COPY points (asset_id, time, value) FROM STDIN") as copy,
+    ):
+        for i in range(count):
+            stamp = datetime.fromtimestamp(start_s + i * QUARTER_S, UTC).isoformat()
+            value = round(math.sin(i * 0.37) * 500, 3)
+            copy.write("".join(f"{asset}\t{stamp}\t{value}\n" for asset in assets))
+    # VACUUM sets the visibility map, as autovacuum soon does for a table that polling
+    # writes: without it the covering key's index-only scans read the heap page of every
+    # point.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) points")
 
 
 def _free_port() -> int:
