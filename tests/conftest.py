@@ -471,13 +471,13 @@ def stopped_at_start_up(
 
 def query_buckets(
     repo: Repository,
-    *,
-    asset_id: str,
     start_s: int,
     end_s: int,
     window_s: int,
     aggregation: str,
+    asset_id: str = ASSET,
     limit: int = 1_000_000,
+    *,
     timeout_s: float | None = None,
     cancellation: Cancellation | None = None,
 ) -> list[tuple[int, float]]:
@@ -492,16 +492,3 @@ def query_buckets(
             limit=limit,
         )
         return [(bucket, value) for bucket, value, _ in rows]
-
-
-def query(repo: Repository, start_s, end_s, window_s, aggregation, asset_id=ASSET, limit=1_000_000):
-    """query_buckets() with positional arguments, for tests that compare many windows."""
-    return query_buckets(
-        repo,
-        asset_id=asset_id,
-        start_s=start_s,
-        end_s=end_s,
-        window_s=window_s,
-        aggregation=aggregation,
-        limit=limit,
-    )

@@ -17,12 +17,12 @@ from conftest import (
     ROOT,
     T0,
     assert_same,
-    query,
     query_buckets,
     reference,
     series,
     wait_for,
 )
+from conftest import query_buckets as query
 
 from repository import (
     MIGRATIONS_DIR,

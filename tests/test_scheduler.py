@@ -727,6 +727,20 @@ def hanging_upstream(sim: Simulator, hung: threading.Event) -> Iterator[str]:
         thread.join(5)
 
 
+def stuck_first(client: ApiClient, repository: Repository, clock: Clock) -> Ingestor:
+    """An ingestor of three assets, the first of which the hanging upstream never answers."""
+    return Ingestor(
+        client=client,
+        repository=repository,
+        assets=(THIRD_ASSET, ASSET, OTHER_ASSET),
+        bootstrap_s=DAY,
+        chunk_s=DAY,
+        concurrency=4,
+        overlap_s=HOUR,
+        clock=clock,
+    )
+
+
 def test_a_hanging_answer_for_one_asset_holds_up_no_other(
     hanging_upstream, sim, repository, clock, dsn, caplog
 ):
@@ -738,16 +752,7 @@ def test_a_hanging_answer_for_one_asset_holds_up_no_other(
         backoff_initial_s=0.001,
         backoff_max_s=0.01,
     ) as client:
-        ingestor = Ingestor(
-            client=client,
-            repository=repository,
-            assets=(THIRD_ASSET, ASSET, OTHER_ASSET),
-            bootstrap_s=DAY,
-            chunk_s=DAY,
-            concurrency=4,
-            overlap_s=HOUR,
-            clock=clock,
-        )
+        ingestor = stuck_first(client, repository, clock)
         start, end = ingestor.window()
         run = threading.Thread(target=ingestor.run_once, name="test-hanging-run")
         with caplog.at_level(logging.WARNING, logger="scheduler"):
@@ -783,16 +788,7 @@ def test_the_scheduler_stops_soon_while_an_upstream_answer_hangs(
         backoff_max_s=0.01,
         stop=shutdown,
     ) as client:
-        ingestor = Ingestor(
-            client=client,
-            repository=repository,
-            assets=(THIRD_ASSET, ASSET, OTHER_ASSET),
-            bootstrap_s=DAY,
-            chunk_s=DAY,
-            concurrency=4,
-            overlap_s=HOUR,
-            clock=clock,
-        )
+        ingestor = stuck_first(client, repository, clock)
         scheduler = Scheduler(ingestor.run_once, interval_s=0.2, name="test-hanging").start()
         try:
             assert wait_for(

@@ -9,7 +9,8 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from conftest import ASSET, DAY, OTHER_ASSET, T0, query, series
+from conftest import ASSET, DAY, OTHER_ASSET, T0, series
+from conftest import query_buckets as query
 
 from repository import AGGREGATIONS, Repository
 
