@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, tzinfo
 
@@ -249,6 +250,65 @@ def _ordinal(year: int, month: int) -> int:
     cycles = (year - 1) // 400
     inside = date(year - cycles * 400, month, 1)
     return inside.toordinal() + cycles * _CYCLE_DAYS
+
+
+def sources(
+    buckets: Buckets, lo: int, hi: int, edges: Sequence[int], spans: Sequence[int]
+) -> list[tuple[int, int, int]]:
+    """[lo, hi) cut into (span_s, lo, hi) ranges, each answerable from aggregates of span_s.
+
+    `spans` are the lengths of the kept aggregates, coarsest first, each of whole units
+    from the Unix epoch (UTC days, UTC hours). A range gets the coarsest span whose whole
+    units make it up without any bucket edge cutting one; what is left gets span 0, the
+    points themselves: the part hours at either end of [lo, hi), of every bucket whose
+    edges are not whole hours (zones such as Asia/Kolkata), and whole buckets shorter than
+    a span or not aligned to one (sub-hour windows). `edges` are Buckets.edges over
+    [lo, hi) (the "epoch" layout has none). Adjacent ranges of one span are merged, so two
+    years of daily buckets are a few ranges.
+    """
+    if lo >= hi:
+        return []
+    window = buckets.window
+    if buckets.layout == "epoch":
+        # Buckets are whole windows from the epoch: no edge cuts a span that divides one.
+        return _merged(_cut(lo, hi, [span for span in spans if window.count % span == 0]))
+    if buckets.layout == "strides":
+        # Edges at each local day's first instant and whole windows after it.
+        fitting = [
+            span
+            for span in spans
+            if window.count % span == 0 and all(edge % span == 0 for edge in edges)
+        ]
+        return _merged(_cut(lo, hi, fitting))
+    # Local days, weeks, months: each bucket is cut on its own.
+    inner = [lo, *(edge for edge in edges if lo < edge < hi), hi]
+    pieces = []
+    for start, end in itertools.pairwise(inner):
+        pieces += _cut(start, end, spans)
+    return _merged(pieces)
+
+
+def _cut(lo: int, hi: int, spans: Sequence[int]) -> list[tuple[int, int, int]]:
+    """[lo, hi) as whole units of the first span, its ends cut by the next spans."""
+    if lo >= hi:
+        return []
+    if not spans:
+        return [(0, lo, hi)]
+    span = spans[0]
+    a, b = -(-lo // span) * span, hi // span * span
+    if a >= b:
+        return _cut(lo, hi, spans[1:])
+    return [*_cut(lo, a, spans[1:]), (span, a, b), *_cut(b, hi, spans[1:])]
+
+
+def _merged(pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    merged: list[tuple[int, int, int]] = []
+    for span, lo, hi in pieces:
+        if merged and merged[-1][0] == span and merged[-1][2] == lo:
+            merged[-1] = (span, merged[-1][1], hi)
+        else:
+            merged.append((span, lo, hi))
+    return merged
 
 
 def fill_gaps(

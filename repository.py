@@ -107,6 +107,11 @@ class Extent:
 
 # A bucket as the database answers it: start in Unix seconds, value, points aggregated.
 Bucket = tuple[int, float, int]
+# The spans of the rollups kept beside the points (migrations/0003_rollups.sql), coarsest
+# first: UTC days and UTC hours.
+ROLLUP_SPANS_S = (86_400, 3_600)
+# A range [lo, hi) to read from the rollups of span_s seconds, or from the points (span_s 0).
+Source = tuple[int, int, int]
 
 
 class Cancellation:
@@ -177,13 +182,59 @@ class Snapshot:
             None if after_s is None else (after_s, after),
         )
 
-    # The statement buckets() runs, completed by _bucket_query().
+    # The statement buckets() runs on the points alone, completed by _bucket_query().
     _BUCKET_QUERY = """
     SELECT extract(epoch FROM {bucket})::bigint AS bucket,
            {aggregate} AS value,
            count(*) AS count
     FROM points
     WHERE asset_id = %(asset_id)s AND time >= %(start)s AND time < %(end)s
+    GROUP BY bucket
+    ORDER BY bucket
+    LIMIT %(limit)s
+    """
+    # The statement buckets() runs when given sources: each source range is read from the
+    # points, the hourly or the daily rollups, as rows of partial aggregates that lie wholly
+    # in one bucket, and the rows of a bucket are combined. Rollups are read only from the
+    # oldest stored point's hour or day on: a retention policy drops old points by whole
+    # chunks (whole days) without touching the rollups.
+    _ROLLUP_QUERY = """
+    WITH oldest AS (
+        SELECT min(time) AS time FROM points WHERE asset_id = %(asset_id)s
+    ), parts AS (
+        SELECT p.time, 1::bigint AS count, p.value AS min, p.value AS max, p.value AS sum,
+               p.time AS first_time, p.value AS first_value,
+               p.time AS last_time, p.value AS last_value
+        FROM unnest(%(points_lo)s::timestamptz[], %(points_hi)s::timestamptz[]) AS s (lo, hi)
+        CROSS JOIN LATERAL (
+            SELECT time, value FROM points
+            WHERE asset_id = %(asset_id)s AND time >= s.lo AND time < s.hi
+        ) AS p
+        UNION ALL
+        SELECT r.start, r.count, r.min, r.max, r.sum,
+               r.first_time, r.first_value, r.last_time, r.last_value
+        FROM unnest(%(hours_lo)s::timestamptz[], %(hours_hi)s::timestamptz[]) AS s (lo, hi)
+        CROSS JOIN LATERAL (
+            SELECT * FROM points_hourly
+            WHERE asset_id = %(asset_id)s AND start >= s.lo AND start < s.hi
+              AND start >= (SELECT date_bin('3600 seconds', time, TIMESTAMPTZ 'epoch')
+                            FROM oldest)
+        ) AS r
+        UNION ALL
+        SELECT r.start, r.count, r.min, r.max, r.sum,
+               r.first_time, r.first_value, r.last_time, r.last_value
+        FROM unnest(%(days_lo)s::timestamptz[], %(days_hi)s::timestamptz[]) AS s (lo, hi)
+        CROSS JOIN LATERAL (
+            SELECT * FROM points_daily
+            WHERE asset_id = %(asset_id)s AND start >= s.lo AND start < s.hi
+              AND start >= (SELECT date_bin('86400 seconds', time, TIMESTAMPTZ 'epoch')
+                            FROM oldest)
+        ) AS r
+    )
+    SELECT extract(epoch FROM {bucket})::bigint AS bucket,
+           {aggregate} AS value,
+           sum(count)::bigint AS count
+    FROM parts
     GROUP BY bucket
     ORDER BY bucket
     LIMIT %(limit)s
@@ -205,6 +256,18 @@ class Snapshot:
         "FIRST": "(min(ARRAY[date_part('epoch', time), value]))[2]",
         "LAST": "(max(ARRAY[date_part('epoch', time), value]))[2]",
     }
+    # The same over the partial aggregates of _ROLLUP_QUERY. A rollup's sum is NULL when it
+    # is too large for a double: the answer is then the error the points would give.
+    _COMBINE_SQL = {
+        "MIN": "min(min)",
+        "MAX": "max(max)",
+        "AVG": "CASE WHEN every(sum IS NOT NULL) THEN sum(sum) / sum(count)::double precision"
+        " ELSE rollup_overflow() END",
+        "SUM": "CASE WHEN every(sum IS NOT NULL) THEN sum(sum) ELSE rollup_overflow() END",
+        "COUNT": "sum(count)::double precision",
+        "FIRST": "(min(ARRAY[date_part('epoch', first_time), first_value]))[2]",
+        "LAST": "(max(ARRAY[date_part('epoch', last_time), last_value]))[2]",
+    }
     # The name of the server-side cursor buckets() reads through when given a batch size.
     _STREAM_CURSOR = "edgecom_buckets"
 
@@ -218,8 +281,13 @@ class Snapshot:
         aggregation: str,
         limit: int | None = None,
         batch_size: int | None = None,
+        sources: Sequence[Source] | None = None,
     ) -> Iterator[Bucket]:
         """Aggregate the points in [start_s, end_s) into the buckets of `grid`.
+
+        Without `sources` every point is read. With them, each (span_s, lo, hi) range is
+        read from the points (span_s 0) or from the rollups of ROLLUP_SPANS_S, and only
+        those ranges are: each rollup range must be whole spans, none cut by a bucket edge.
 
         Yields (bucket start, value, points aggregated) for each non-empty bucket,
         ascending, at most `limit` of them (None: all). Without `batch_size` the whole
@@ -229,6 +297,8 @@ class Snapshot:
         must not be used after the snapshot ends.
         """
         query, params = self._bucket_query(asset_id, start_s, end_s, grid, aggregation, limit)
+        if sources is not None:
+            query, params = self._rollup_query(query, params, grid, aggregation, sources)
         if batch_size is None:
             # One round trip, where a server-side cursor takes DECLARE, a FETCH per batch and
             # CLOSE: a bounded answer read whole comes back sooner, even against one FETCH of
@@ -247,6 +317,39 @@ class Snapshot:
             cur.close()
 
     @classmethod
+    def _rollup_query(
+        cls,
+        query: sql.Composed,
+        params: dict[str, object],
+        grid: BucketGrid,
+        aggregation: str,
+        sources: Sequence[Source],
+    ) -> tuple[sql.Composed, dict[str, object]]:
+        """_bucket_query's statement and parameters turned into _ROLLUP_QUERY's."""
+        bucket = cls._grid_bucket(grid)
+        combine = cls._COMBINE_SQL[aggregation.upper()]
+        query = sql.SQL(cls._ROLLUP_QUERY).format(
+            bucket=sql.SQL(bucket), aggregate=sql.SQL(combine)
+        )
+        unknown = {span_s for span_s, _, _ in sources} - {0, *ROLLUP_SPANS_S}
+        if unknown:
+            raise ValueError(f"no rollups of {sorted(unknown)} seconds are kept")
+        for span_s, name in ((0, "points"), (3_600, "hours"), (86_400, "days")):
+            ranges = [(lo, hi) for span, lo, hi in sources if span == span_s]
+            params[f"{name}_lo"] = [_to_datetime(lo) for lo, _ in ranges]
+            params[f"{name}_hi"] = [_to_datetime(hi) for _, hi in ranges]
+        return query, params
+
+    @classmethod
+    def _grid_bucket(cls, grid: BucketGrid) -> str:
+        """The SQL expression of the bucket start of `time` in `grid`."""
+        if not grid.edges_s:
+            if not grid.window_s:
+                raise ValueError("a grid without edges needs a window")
+            return cls._EPOCH_BUCKET
+        return cls._STRIDE_BUCKET if grid.window_s else cls._SPAN_BUCKET
+
+    @classmethod
     def _bucket_query(
         cls,
         asset_id: str,
@@ -259,12 +362,7 @@ class Snapshot:
         aggregate = cls._AGGREGATE_SQL.get(aggregation.upper())
         if aggregate is None:
             raise ValueError(f"unknown aggregation {aggregation!r}")
-        if not grid.edges_s:
-            if not grid.window_s:
-                raise ValueError("a grid without edges needs a window")
-            bucket = cls._EPOCH_BUCKET
-        else:
-            bucket = cls._STRIDE_BUCKET if grid.window_s else cls._SPAN_BUCKET
+        bucket = cls._grid_bucket(grid)
         query = sql.SQL(cls._BUCKET_QUERY).format(
             bucket=sql.SQL(bucket), aggregate=sql.SQL(aggregate)
         )
@@ -638,12 +736,14 @@ class Repository:
     _UPSERT = """
     WITH changed AS (
         INSERT INTO points (asset_id, time, value)
-        SELECT %(asset_id)s, time, value FROM incoming
+        SELECT %(asset_id)s, to_timestamp(time), value
+        FROM unnest(%(times)s::bigint[], %(values)s::double precision[]) AS incoming (time, value)
         ON CONFLICT (asset_id, time) DO UPDATE SET value = EXCLUDED.value
         WHERE points.value IS DISTINCT FROM EXCLUDED.value
         RETURNING time
     )
-    SELECT count(*), extract(epoch FROM min(time))::bigint, extract(epoch FROM max(time))::bigint
+    SELECT count(*), extract(epoch FROM min(time))::bigint, extract(epoch FROM max(time))::bigint,
+           array_agg(DISTINCT date_bin('3600 seconds', time, TIMESTAMPTZ 'epoch'))
     FROM changed
     """
 
@@ -675,15 +775,12 @@ class Repository:
             self._write_pool.connection() as conn,
             conn.transaction(),
         ):
-            conn.execute(
-                "CREATE TEMP TABLE incoming (time timestamptz NOT NULL,"
-                " value double precision NOT NULL) ON COMMIT DROP"
-            )
-            with conn.cursor().copy("COPY incoming (time, value) FROM STDIN") as copy:
-                for seconds, value in latest.items():
-                    copy.write_row((_to_datetime(seconds), value))
-            count, first_s, last_s = conn.execute(self._UPSERT, {"asset_id": asset_id}).fetchone()
+            # Two arrays, one parameter each: a round trip and no temporary table per write.
+            values = [float(value) for value in latest.values()]  # an array has one type
+            params = {"asset_id": asset_id, "times": list(latest), "values": values}
+            count, first_s, last_s, hours = conn.execute(self._UPSERT, params).fetchone()
             if count:
+                conn.execute("SELECT refresh_rollups(%s, %s)", (asset_id, hours))
                 change = json.dumps({"asset_id": asset_id, "first_s": first_s, "last_s": last_s})
                 conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, change))
             if covered is not None:

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from buckets import FILLS, Buckets, Window, fill_gaps, fillable
+from buckets import FILLS, Buckets, Window, fill_gaps, fillable, sources
 from interceptors import CacheKey
 from repository import (
     AGGREGATIONS,
+    ROLLUP_SPANS_S,
     Bucket,
     BucketGrid,
     Cancellation,
@@ -30,6 +31,7 @@ from repository import (
     QueryCancelled,
     Repository,
     Snapshot,
+    Source,
 )
 
 # The .proto stays the single source of truth: it is compiled at import time, never checked in.
@@ -313,13 +315,15 @@ class QueryPlan:
     `grid` lays out the buckets the stored points are read into (None: the range holds no
     stored point, nothing is read). Without `fill_range` the answer is the buckets as read;
     with it, every bucket start in [fill_range) is answered, the empty ones filled from the
-    neighbours `before` and `after`.
+    neighbours `before` and `after`. `sources` says where to read each part of the range
+    from, the rollups included (see Snapshot.buckets); None: from the points alone.
     """
 
     grid: BucketGrid | None
     fill_range: tuple[int, int] | None = None
     before: tuple[int, float] | None = None
     after: tuple[int, float] | None = None
+    sources: tuple[Source, ...] | None = None
 
 
 def needs_extent(query: Query) -> bool:
@@ -333,23 +337,30 @@ def plan_query(
     *,
     now_s: float,
     guard: Callable[[Iterable[int]], Iterable[int]] = iter,
+    spans: Sequence[int] = ROLLUP_SPANS_S,
 ) -> QueryPlan:
     """Plan the answer to `query` from the extent of its stored points (when needs_extent).
 
     `guard` wraps the laying out of bucket edges, which can take long, so that it can stop
-    (by raising) when the call ends.
+    (by raising) when the call ends. `spans` are the rollups the plan may read (none: the
+    points alone).
     """
     buckets = query.buckets
     if extent is None:
         # The original query, alone: answers to requests without the newer fields stay
         # exactly what they were.
-        return QueryPlan(BucketGrid(window_s=buckets.stride_s))
-    grid = None
+        return QueryPlan(
+            BucketGrid(window_s=buckets.stride_s),
+            sources=_sources(buckets, query.start_s, query.end_s, (), spans),
+        )
+    grid = plan_sources = None
     if extent.first_s is not None and extent.last_s is not None:
         # Edges only for the stored points' part of the range: a long range holding little
         # data costs nothing extra. Stored points millennia apart would take minutes.
-        edges = list(guard(buckets.edges(extent.first_s, extent.last_s + 1)))
+        lo, hi = extent.first_s, extent.last_s + 1
+        edges = list(guard(buckets.edges(lo, hi)))
         grid = BucketGrid(window_s=buckets.stride_s, edges_s=edges)
+        plan_sources = _sources(buckets, lo, hi, edges, spans)
     fill_end = query.end_s
     if extent.after is None and query.end_s > now_s:
         # Nothing is invented past the last stored point while end is still ahead: the
@@ -369,7 +380,16 @@ def plan_query(
         before=extent.before,
         after=extent.after,
     )
-    return QueryPlan(grid, fill_range, extent.before, extent.after)
+    return QueryPlan(grid, fill_range, extent.before, extent.after, plan_sources)
+
+
+def _sources(
+    buckets: Buckets, lo: int, hi: int, edges: Sequence[int], spans: Sequence[int]
+) -> tuple[Source, ...] | None:
+    """Where to read [lo, hi) from; None when from the points alone, which one plain
+    statement over the range reads faster than the rollup statement's ranges would."""
+    found = tuple(sources(buckets, lo, hi, edges, spans))
+    return None if all(span == 0 for span, _, _ in found) else found
 
 
 # --- the cache key -------------------------------------------------------------------------
@@ -565,13 +585,18 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
         clock: Callable[[], float] = time.time,
         max_streams: int = MAX_STREAMS,
         stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S,
+        rollups: bool = True,
     ) -> None:
+        """`rollups`: read the hourly and daily rollups where they answer exactly; without,
+        every answer aggregates the points themselves (the equivalence tests compare both).
+        """
         self._repository = repository
         self._assets = tuple(assets)
         self._max_points = max_points
         self._page_points = page_points
         self._streams = StreamLimiter(max_streams=max_streams, idle_timeout_s=stream_idle_timeout_s)
         self._clock = clock
+        self._spans = ROLLUP_SPANS_S if rollups else ()
         # The [start, end) range ingestion keeps complete; coverage is measured against it.
         self._window = window or _default_window
 
@@ -681,6 +706,7 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             extent,
             now_s=self._clock(),
             guard=lambda edges: _until_call_ends(edges, context),
+            spans=self._spans,
         )
         rows: Iterable[Bucket] = ()
         if plan.grid is not None:
@@ -693,6 +719,7 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
                 limit=limit,
                 # A bounded answer comes back sooner in one read; see Snapshot.buckets.
                 batch_size=self._page_points if limit is None else None,
+                sources=plan.sources,
             )
         if plan.fill_range is None:
             yield from rows

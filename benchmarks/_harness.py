@@ -71,7 +71,8 @@ def scratch_database(server: str, *, start_s: int, count: int) -> Iterator[str]:
                 " FROM generate_series(0, %s - 1) AS i",
                 (ASSET, start_s, QUARTER_S, count),
             )
-            conn.execute("ANALYZE points")
+            conn.execute("SELECT rebuild_rollups()")
+            conn.execute("ANALYZE points, points_hourly, points_daily")
         yield dsn
 
 
@@ -95,11 +96,12 @@ def copy_points(dsn: str, assets: list[str], *, start_s: int, count: int) -> Non
             stamp = datetime.fromtimestamp(start_s + i * QUARTER_S, UTC).isoformat()
             value = round(math.sin(i * 0.37) * 500, 3)
             copy.write("".join(f"{asset}\t{stamp}\t{value}\n" for asset in assets))
-    # VACUUM sets the visibility map, as autovacuum soon does for a table that polling
-    # writes: without it the covering key's index-only scans read the heap page of every
-    # point.
+    # Rollups as the service keeps them. VACUUM sets the visibility map, as autovacuum soon
+    # does for a table that polling writes: without it the covering key's index-only scans
+    # read the heap page of every point.
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("VACUUM (ANALYZE) points")
+        conn.execute("SELECT rebuild_rollups()")
+        conn.execute("VACUUM (ANALYZE) points, points_hourly, points_daily")
 
 
 def _free_port() -> int:

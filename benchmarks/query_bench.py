@@ -60,7 +60,8 @@ def fill(dsn: str, assets: list[str]) -> None:
                 moment = datetime.fromtimestamp(T0 + i * STEP_S, UTC)
                 for n, asset in enumerate(assets):
                     copy.write_row((asset, moment, math.sin(i / 96 + n) * 400 + 500))
-        conn.execute("VACUUM ANALYZE points")
+        conn.execute("SELECT rebuild_rollups()")
+        conn.execute("VACUUM ANALYZE points, points_hourly, points_daily")
 
 
 def fresh_database(server_dsn: str) -> str:

@@ -112,9 +112,10 @@ def empty_database(dsn: str) -> None:
         conn.execute("SET lock_timeout = '10s'")
         [[filled]] = conn.execute(
             "SELECT EXISTS (SELECT FROM points) OR EXISTS (SELECT FROM assets)"
+            " OR EXISTS (SELECT FROM points_hourly)"
         ).fetchall()
         if filled:
-            conn.execute("TRUNCATE points, assets")
+            conn.execute("TRUNCATE points, points_hourly, points_daily, assets")
 
 
 @pytest.fixture
@@ -155,6 +156,7 @@ class RunningService:
         interceptors: tuple[grpc.ServerInterceptor, ...] = (),
         max_streams: int = MAX_STREAMS,
         stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S,
+        rollups: bool = True,
     ):
         self.repository = repository
         self.health = health.HealthServicer()
@@ -168,6 +170,7 @@ class RunningService:
             page_points=page_points,
             max_streams=max_streams,
             stream_idle_timeout_s=stream_idle_timeout_s,
+            rollups=rollups,
         )
         self.server, self.port = edgecom.create_server(
             address="127.0.0.1:0",
@@ -430,7 +433,8 @@ def run_grpcurl(grpcurl: str, *args: str) -> str:
 
 
 def insert_quarter_hours(dsn: str, start_s: int, count: int) -> None:
-    """Store count quarter-hour points of ASSET from start_s, written by the database itself."""
+    """Store count quarter-hour points of ASSET from start_s, written by the database itself
+    and rolled up as a bulk load is (docs/operations.md)."""
     with psycopg.connect(dsn) as conn:
         conn.execute(
             "INSERT INTO points (asset_id, time, value)"
@@ -438,6 +442,7 @@ def insert_quarter_hours(dsn: str, start_s: int, count: int) -> None:
             " FROM generate_series(0, %s - 1) AS i",
             (ASSET, start_s, 900, count),
         )
+        conn.execute("SELECT rebuild_rollups()")
 
 
 @pytest.fixture
