@@ -296,9 +296,9 @@ class Snapshot:
         there are. The statement runs when the first bucket is asked for, and the iterator
         must not be used after the snapshot ends.
         """
-        query, params = self._bucket_query(asset_id, start_s, end_s, grid, aggregation, limit)
-        if sources is not None:
-            query, params = self._rollup_query(query, params, grid, aggregation, sources)
+        query, params = self._bucket_query(
+            asset_id, start_s, end_s, grid, aggregation, limit, sources
+        )
         if batch_size is None:
             # One round trip, where a server-side cursor takes DECLARE, a FETCH per batch and
             # CLOSE: a bounded answer read whole comes back sooner, even against one FETCH of
@@ -319,13 +319,12 @@ class Snapshot:
     @classmethod
     def _rollup_query(
         cls,
-        query: sql.Composed,
         params: dict[str, object],
         grid: BucketGrid,
         aggregation: str,
         sources: Sequence[Source],
     ) -> tuple[sql.Composed, dict[str, object]]:
-        """_bucket_query's statement and parameters turned into _ROLLUP_QUERY's."""
+        """_ROLLUP_QUERY and its parameters, from those of _BUCKET_QUERY."""
         bucket = cls._grid_bucket(grid)
         combine = cls._COMBINE_SQL[aggregation.upper()]
         query = sql.SQL(cls._ROLLUP_QUERY).format(
@@ -358,7 +357,9 @@ class Snapshot:
         grid: BucketGrid,
         aggregation: str,
         limit: int | None,
+        sources: Sequence[Source] | None = None,
     ) -> tuple[sql.Composed, dict[str, object]]:
+        """The statement and parameters buckets() runs."""
         aggregate = cls._AGGREGATE_SQL.get(aggregation.upper())
         if aggregate is None:
             raise ValueError(f"unknown aggregation {aggregation!r}")
@@ -376,6 +377,8 @@ class Snapshot:
             params["window"] = timedelta(seconds=grid.window_s)
         if grid.edges_s:
             params["edges"] = [_to_datetime(edge) for edge in grid.edges_s]
+        if sources is not None:
+            return cls._rollup_query(params, grid, aggregation, sources)
         return query, params
 
     # Coverage is measured over [start, end), except that after a successful run it stops at
@@ -770,22 +773,26 @@ class Repository:
         latest = dict(points)
         if not latest and covered is None:
             return UpsertResult(0)
+        # Two arrays, one parameter each, rather than a temporary table and a COPY per write.
+        values = [float(value) for value in latest.values()]  # an array has one type
+        params = {"asset_id": asset_id, "times": list(latest), "values": values}
+        # In pipeline mode a write is two round trips: BEGIN and the upsert, then the rest
+        # with COMMIT (against one per statement: six).
         with (
             _unavailable_on_failure("writing"),
             self._write_pool.connection() as conn,
+            conn.pipeline(),
             conn.transaction(),
         ):
-            # Two arrays, one parameter each: a round trip and no temporary table per write.
-            values = [float(value) for value in latest.values()]  # an array has one type
-            params = {"asset_id": asset_id, "times": list(latest), "values": values}
             count, first_s, last_s, hours = conn.execute(self._UPSERT, params).fetchone()
             if count:
                 conn.execute("SELECT refresh_rollups(%s, %s)", (asset_id, hours))
                 change = json.dumps({"asset_id": asset_id, "first_s": first_s, "last_s": last_s})
                 conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, change))
             if covered is not None:
-                params = {"asset_id": asset_id, "range": _tstzrange(*covered)}
-                conn.execute(self._MARK_COVERED, params)
+                conn.execute(
+                    self._MARK_COVERED, {"asset_id": asset_id, "range": _tstzrange(*covered)}
+                )
         return UpsertResult(count, first_s, last_s)
 
     _UNCOVERED = """

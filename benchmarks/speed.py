@@ -131,6 +131,7 @@ def service_sql(repo: Repository, request: object, assets: list[str]) -> tuple[o
         plan.grid,
         query.aggregation,
         MAX_POINTS + 1,
+        plan.sources,
     )
 
 

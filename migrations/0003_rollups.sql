@@ -39,60 +39,68 @@ END
 $$;
 
 -- Recompute the rollups of the given hours of one asset from its points, and of the days
--- holding them from the hours: an hour or day left without points loses its row.
+-- holding them from the hours. Each run of consecutive hours (a chunk of a bootstrap, say)
+-- is read as one range. An hour or day left without points keeps its row: the service never
+-- deletes points, and the trigger below removes the rows of points deleted by hand.
 CREATE OR REPLACE FUNCTION refresh_rollups(asset text, hours timestamptz[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    WITH fresh AS (
-        SELECT h.start, agg.*
-        FROM (SELECT DISTINCT start FROM unnest(hours) AS start) AS h
-        CROSS JOIN LATERAL (
-            SELECT count(*) AS count, min(value) AS min, max(value) AS max,
-                   unscaled_sum(sum(value * 2.3283064365386963e-10)) AS sum,
-                   min(time) AS first_time,
-                   (min(ARRAY[date_part('epoch', time), value]))[2] AS first_value,
-                   max(time) AS last_time,
-                   (max(ARRAY[date_part('epoch', time), value]))[2] AS last_value
-            FROM points
-            WHERE asset_id = asset AND time >= h.start AND time < h.start + interval '3600 seconds'
-        ) AS agg
-    ), emptied AS (
-        DELETE FROM points_hourly AS r USING fresh AS f
-        WHERE f.count = 0 AND r.asset_id = asset AND r.start = f.start
+    WITH changed AS (
+        SELECT DISTINCT start FROM unnest(hours) AS start
+    ), runs AS (
+        SELECT min(start) AS lo, max(start) + interval '3600 seconds' AS hi
+        FROM (
+            SELECT start, start - interval '3600 seconds' * row_number() OVER (ORDER BY start)
+                AS run
+            FROM changed
+        ) AS numbered
+        GROUP BY run
     )
     INSERT INTO points_hourly
-    SELECT asset, start, count, min, max, sum, first_time, first_value, last_time, last_value
-    FROM fresh WHERE count > 0
+    SELECT asset, date_bin('3600 seconds', p.time, TIMESTAMPTZ 'epoch') AS start,
+           count(*), min(p.value), max(p.value),
+           unscaled_sum(sum(p.value * 2.3283064365386963e-10)),
+           min(p.time), (min(ARRAY[date_part('epoch', p.time), p.value]))[2],
+           max(p.time), (max(ARRAY[date_part('epoch', p.time), p.value]))[2]
+    FROM runs
+    CROSS JOIN LATERAL (
+        SELECT time, value FROM points
+        WHERE asset_id = asset AND time >= runs.lo AND time < runs.hi
+        OFFSET 0  -- a scan of each run's range, never of every point of the asset
+    ) AS p
+    GROUP BY 2
     ON CONFLICT (asset_id, start) DO UPDATE SET
         count = EXCLUDED.count, min = EXCLUDED.min, max = EXCLUDED.max, sum = EXCLUDED.sum,
         first_time = EXCLUDED.first_time, first_value = EXCLUDED.first_value,
         last_time = EXCLUDED.last_time, last_value = EXCLUDED.last_value;
 
-    WITH fresh AS (
-        SELECT d.start, agg.*
+    WITH changed AS (
+        SELECT DISTINCT date_bin('86400 seconds', start, TIMESTAMPTZ 'epoch') AS start
+        FROM unnest(hours) AS start
+    ), runs AS (
+        SELECT min(start) AS lo, max(start) + interval '86400 seconds' AS hi
         FROM (
-            SELECT DISTINCT date_bin('86400 seconds', start, TIMESTAMPTZ 'epoch') AS start
-            FROM unnest(hours) AS start
-        ) AS d
-        CROSS JOIN LATERAL (
-            SELECT coalesce(sum(count), 0)::bigint AS count, min(min) AS min, max(max) AS max,
-                   CASE WHEN every(sum IS NOT NULL)
-                        THEN unscaled_sum(sum(sum * 2.3283064365386963e-10)) END AS sum,
-                   min(first_time) AS first_time,
-                   (min(ARRAY[date_part('epoch', first_time), first_value]))[2] AS first_value,
-                   max(last_time) AS last_time,
-                   (max(ARRAY[date_part('epoch', last_time), last_value]))[2] AS last_value
-            FROM points_hourly
-            WHERE asset_id = asset AND start >= d.start
-              AND start < d.start + interval '86400 seconds'
-        ) AS agg
-    ), emptied AS (
-        DELETE FROM points_daily AS r USING fresh AS f
-        WHERE f.count = 0 AND r.asset_id = asset AND r.start = f.start
+            SELECT start, start - interval '86400 seconds' * row_number() OVER (ORDER BY start)
+                AS run
+            FROM changed
+        ) AS numbered
+        GROUP BY run
     )
     INSERT INTO points_daily
-    SELECT asset, start, count, min, max, sum, first_time, first_value, last_time, last_value
-    FROM fresh WHERE count > 0
+    SELECT asset, date_bin('86400 seconds', h.start, TIMESTAMPTZ 'epoch') AS start,
+           sum(h.count)::bigint, min(h.min), max(h.max),
+           CASE WHEN every(h.sum IS NOT NULL)
+                THEN unscaled_sum(sum(h.sum * 2.3283064365386963e-10)) END,
+           min(h.first_time),
+           (min(ARRAY[date_part('epoch', h.first_time), h.first_value]))[2],
+           max(h.last_time), (max(ARRAY[date_part('epoch', h.last_time), h.last_value]))[2]
+    FROM runs
+    CROSS JOIN LATERAL (
+        SELECT * FROM points_hourly
+        WHERE asset_id = asset AND start >= runs.lo AND start < runs.hi
+        OFFSET 0
+    ) AS h
+    GROUP BY 2
     ON CONFLICT (asset_id, start) DO UPDATE SET
         count = EXCLUDED.count, min = EXCLUDED.min, max = EXCLUDED.max, sum = EXCLUDED.sum,
         first_time = EXCLUDED.first_time, first_value = EXCLUDED.first_value,
@@ -134,9 +142,18 @@ $$;
 -- from the oldest stored point on, and chunks end on whole days.
 CREATE OR REPLACE FUNCTION refresh_rollups_of_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    hour timestamptz := date_bin('3600 seconds', OLD.time, TIMESTAMPTZ 'epoch');
+    day timestamptz := date_bin('86400 seconds', OLD.time, TIMESTAMPTZ 'epoch');
 BEGIN
-    PERFORM refresh_rollups(
-        OLD.asset_id, ARRAY[date_bin('3600 seconds', OLD.time, TIMESTAMPTZ 'epoch')]
+    -- Dropped first, and written again by the refresh if points remain in it.
+    DELETE FROM points_hourly WHERE asset_id = OLD.asset_id AND start = hour;
+    PERFORM refresh_rollups(OLD.asset_id, ARRAY[hour]);
+    DELETE FROM points_daily AS d
+    WHERE d.asset_id = OLD.asset_id AND d.start = day AND NOT EXISTS (
+        SELECT FROM points_hourly AS h
+        WHERE h.asset_id = OLD.asset_id AND h.start >= day
+          AND h.start < day + interval '86400 seconds'
     );
     RETURN NULL;
 END
