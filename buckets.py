@@ -252,62 +252,94 @@ def _ordinal(year: int, month: int) -> int:
     return inside.toordinal() + cycles * _CYCLE_DAYS
 
 
-def sources(
-    buckets: Buckets, lo: int, hi: int, edges: Sequence[int], spans: Sequence[int]
-) -> list[tuple[int, int, int]]:
-    """[lo, hi) cut into (span_s, lo, hi) ranges, each answerable from aggregates of span_s.
+# Where the aggregates of a range can be read from: the points themselves, or the rollups
+# kept beside them (migrations/0003_rollups.sql) of UTC hours, UTC days and the local days
+# of the zones listed in storage.rollup_timezones.
+POINTS, HOURS, DAYS, LOCAL_DAYS = "points", "hours", "days", "local days"
+# The rollups of whole units from the Unix epoch, coarsest first.
+_EPOCH_UNITS = ((DAYS, DAY_S), (HOURS, 3600))
+# A range [lo, hi) and what to read it from.
+Source = tuple[str, int, int]
 
-    `spans` are the lengths of the kept aggregates, coarsest first, each of whole units
-    from the Unix epoch (UTC days, UTC hours). A range gets the coarsest span whose whole
-    units make it up without any bucket edge cutting one; what is left gets span 0, the
-    points themselves: the part hours at either end of [lo, hi), of every bucket whose
-    edges are not whole hours (zones such as Asia/Kolkata), and whole buckets shorter than
-    a span or not aligned to one (sub-hour windows). `edges` are Buckets.edges over
-    [lo, hi) (the "epoch" layout has none). Adjacent ranges of one span are merged, so two
+
+def sources(
+    buckets: Buckets,
+    lo: int,
+    hi: int,
+    edges: Sequence[int],
+    *,
+    local_days: bool = False,
+) -> list[Source]:
+    """[lo, hi) cut into ranges, each read from the coarsest rollup that answers it exactly.
+
+    A range gets the coarsest rollup whose whole units make it up without a bucket edge
+    cutting one: local days (when `local_days`, in the buckets' zone, whose days and
+    longer buckets are made of them), then UTC days, then UTC hours. What is left is read
+    from the points: the part hours at either end of [lo, hi), the part hours of every
+    bucket whose edges are not whole hours (zones such as Asia/Kolkata), and whole
+    buckets shorter than an hour or not aligned to one. `edges` are Buckets.edges over
+    [lo, hi) (the "epoch" layout has none). Adjacent ranges of one kind are merged, so two
     years of daily buckets are a few ranges.
     """
     if lo >= hi:
         return []
     window = buckets.window
     if buckets.layout == "epoch":
-        # Buckets are whole windows from the epoch: no edge cuts a span that divides one.
-        return _merged(_cut(lo, hi, [span for span in spans if window.count % span == 0]))
+        # Buckets are whole windows from the epoch: no edge cuts a unit that divides one.
+        units = [unit for unit in _EPOCH_UNITS if window.count % unit[1] == 0]
+        return _merged(_cut(lo, hi, units))
     if buckets.layout == "strides":
         # Edges at each local day's first instant and whole windows after it.
-        fitting = [
-            span
-            for span in spans
+        units = [
+            (kind, span)
+            for kind, span in _EPOCH_UNITS
             if window.count % span == 0 and all(edge % span == 0 for edge in edges)
         ]
-        return _merged(_cut(lo, hi, fitting))
-    # Local days, weeks, months: each bucket is cut on its own.
+        return _merged(_cut(lo, hi, units))
+    if local_days:
+        # Every bucket edge is a local day's first instant: the whole local days in [lo, hi)
+        # are one range, and what is left at either end lies within one bucket.
+        days = Buckets(Window(DAY_S, "s"), buckets.zone)
+        day_start, day_end = days.edges(lo, lo + 1)
+        first = lo if day_start == lo else day_end
+        day_start, day_end = days.edges(hi - 1, hi)
+        last = hi if day_end == hi else day_start
+        if first < last:
+            return _merged(
+                [
+                    *_cut(lo, first, _EPOCH_UNITS),
+                    (LOCAL_DAYS, first, last),
+                    *_cut(last, hi, _EPOCH_UNITS),
+                ]
+            )
+    # Each bucket is cut on its own.
     inner = [lo, *(edge for edge in edges if lo < edge < hi), hi]
     pieces = []
     for start, end in itertools.pairwise(inner):
-        pieces += _cut(start, end, spans)
+        pieces += _cut(start, end, _EPOCH_UNITS)
     return _merged(pieces)
 
 
-def _cut(lo: int, hi: int, spans: Sequence[int]) -> list[tuple[int, int, int]]:
-    """[lo, hi) as whole units of the first span, its ends cut by the next spans."""
+def _cut(lo: int, hi: int, units: Sequence[tuple[str, int]]) -> list[Source]:
+    """[lo, hi) as whole units of the first kind, its ends cut by the next kinds."""
     if lo >= hi:
         return []
-    if not spans:
-        return [(0, lo, hi)]
-    span = spans[0]
+    if not units:
+        return [(POINTS, lo, hi)]
+    kind, span = units[0]
     a, b = -(-lo // span) * span, hi // span * span
     if a >= b:
-        return _cut(lo, hi, spans[1:])
-    return [*_cut(lo, a, spans[1:]), (span, a, b), *_cut(b, hi, spans[1:])]
+        return _cut(lo, hi, units[1:])
+    return [*_cut(lo, a, units[1:]), (kind, a, b), *_cut(b, hi, units[1:])]
 
 
-def _merged(pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    merged: list[tuple[int, int, int]] = []
-    for span, lo, hi in pieces:
-        if merged and merged[-1][0] == span and merged[-1][2] == lo:
-            merged[-1] = (span, merged[-1][1], hi)
+def _merged(pieces: list[Source]) -> list[Source]:
+    merged: list[Source] = []
+    for kind, lo, hi in pieces:
+        if merged and merged[-1][0] == kind and merged[-1][2] == lo:
+            merged[-1] = (kind, merged[-1][1], hi)
         else:
-            merged.append((span, lo, hi))
+            merged.append((kind, lo, hi))
     return merged
 
 

@@ -23,7 +23,7 @@ from api_client import (
 )
 from interceptors import DEFAULT_CACHE_MAX_BYTES
 from scheduler import STEP_S
-from service import MAX_STREAMS, PAGE_POINTS, STREAM_IDLE_TIMEOUT_S
+from service import MAX_STREAMS, PAGE_POINTS, STREAM_IDLE_TIMEOUT_S, InvalidRequest, parse_timezone
 
 HERE = Path(__file__).resolve().parent
 
@@ -142,6 +142,8 @@ class RateLimitConfig:
 class StorageConfig:
     compress_after: float = _duration(7 * 86400.0)
     retention: str = ""  # a duration, or empty to keep everything
+    # IANA zones whose local days are rolled up, for fast day, week and month buckets there.
+    rollup_timezones: tuple[str, ...] = ()
 
     @property
     def retention_s(self) -> float | None:
@@ -395,6 +397,16 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             "storage.retention: must be greater than 0; leave it empty to keep everything"
         )
+    for zone in config.storage.rollup_timezones:
+        try:
+            name, _ = parse_timezone(zone)
+        except InvalidRequest as exc:
+            raise ConfigError(f"storage.rollup_timezones: {exc}") from None
+        if name == "UTC":
+            raise ConfigError(
+                f"storage.rollup_timezones: {zone!r} is UTC, whose days are always rolled up: "
+                "list only other zones"
+            )
     if not config.metrics.host.strip():
         raise ConfigError(
             "metrics.host: must not be empty: 127.0.0.1 listens on loopback only, "

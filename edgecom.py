@@ -599,6 +599,7 @@ def _open_database(stack: ExitStack, config: Config, parts: _Parts) -> tuple[str
             connect_timeout_s=config.database.connection_timeout,
             # One connection for each chunk stored at once.
             write_connections=config.upstream.concurrency,
+            rollup_timezones=config.storage.rollup_timezones,
         )
     )
     return dsn, repository

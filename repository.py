@@ -17,6 +17,8 @@ import psycopg_pool
 from psycopg import sql
 from psycopg.types.range import Range
 
+from buckets import DAYS, HOURS, LOCAL_DAYS, POINTS, Source
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -107,11 +109,6 @@ class Extent:
 
 # A bucket as the database answers it: start in Unix seconds, value, points aggregated.
 Bucket = tuple[int, float, int]
-# The spans of the rollups kept beside the points (migrations/0003_rollups.sql), coarsest
-# first: UTC days and UTC hours.
-ROLLUP_SPANS_S = (86_400, 3_600)
-# A range [lo, hi) to read from the rollups of span_s seconds, or from the points (span_s 0).
-Source = tuple[int, int, int]
 
 
 class Cancellation:
@@ -194,10 +191,10 @@ class Snapshot:
     LIMIT %(limit)s
     """
     # The statement buckets() runs when given sources: each source range is read from the
-    # points, the hourly or the daily rollups, as rows of partial aggregates that lie wholly
-    # in one bucket, and the rows of a bucket are combined. Rollups are read only from the
-    # oldest stored point's hour or day on: a retention policy drops old points by whole
-    # chunks (whole days) without touching the rollups.
+    # points or one of the rollups, as rows of partial aggregates that lie wholly in one
+    # bucket, and the rows of a bucket are combined. Rollups are read only from the oldest
+    # stored point's UTC hour or day on: a retention policy drops old points by whole chunks
+    # (whole UTC days) without touching the rollups.
     _ROLLUP_QUERY = """
     WITH oldest AS (
         SELECT min(time) AS time FROM points WHERE asset_id = %(asset_id)s
@@ -227,6 +224,18 @@ class Snapshot:
         CROSS JOIN LATERAL (
             SELECT * FROM points_daily
             WHERE asset_id = %(asset_id)s AND start >= s.lo AND start < s.hi
+              AND start >= (SELECT date_bin('86400 seconds', time, TIMESTAMPTZ 'epoch')
+                            FROM oldest)
+        ) AS r
+        UNION ALL
+        SELECT r.start, r.count, r.min, r.max, r.sum,
+               r.first_time, r.first_value, r.last_time, r.last_value
+        FROM unnest(%(local_days_lo)s::timestamptz[], %(local_days_hi)s::timestamptz[])
+            AS s (lo, hi)
+        CROSS JOIN LATERAL (
+            SELECT * FROM points_local_daily
+            WHERE asset_id = %(asset_id)s AND timezone = %(timezone)s
+              AND start >= s.lo AND start < s.hi
               AND start >= (SELECT date_bin('86400 seconds', time, TIMESTAMPTZ 'epoch')
                             FROM oldest)
         ) AS r
@@ -282,12 +291,14 @@ class Snapshot:
         limit: int | None = None,
         batch_size: int | None = None,
         sources: Sequence[Source] | None = None,
+        timezone: str = "UTC",
     ) -> Iterator[Bucket]:
         """Aggregate the points in [start_s, end_s) into the buckets of `grid`.
 
-        Without `sources` every point is read. With them, each (span_s, lo, hi) range is
-        read from the points (span_s 0) or from the rollups of ROLLUP_SPANS_S, and only
-        those ranges are: each rollup range must be whole spans, none cut by a bucket edge.
+        Without `sources` every point is read. With them, each (kind, lo, hi) range is read
+        from the points or from a rollup (see buckets.sources), and only those ranges are:
+        each rollup range must be whole units, none cut by a bucket edge. LOCAL_DAYS ranges
+        read the local days of `timezone`, which must be in rollup_timezones.
 
         Yields (bucket start, value, points aggregated) for each non-empty bucket,
         ascending, at most `limit` of them (None: all). Without `batch_size` the whole
@@ -297,7 +308,7 @@ class Snapshot:
         must not be used after the snapshot ends.
         """
         query, params = self._bucket_query(
-            asset_id, start_s, end_s, grid, aggregation, limit, sources
+            asset_id, start_s, end_s, grid, aggregation, limit, sources, timezone
         )
         if batch_size is None:
             # One round trip, where a server-side cursor takes DECLARE, a FETCH per batch and
@@ -316,6 +327,14 @@ class Snapshot:
         finally:
             cur.close()
 
+    # The parameters of _ROLLUP_QUERY that hold the ranges of each kind of source.
+    _SOURCE_PARAMS = {
+        POINTS: "points",
+        HOURS: "hours",
+        DAYS: "days",
+        LOCAL_DAYS: "local_days",
+    }
+
     @classmethod
     def _rollup_query(
         cls,
@@ -323,6 +342,7 @@ class Snapshot:
         grid: BucketGrid,
         aggregation: str,
         sources: Sequence[Source],
+        timezone: str,
     ) -> tuple[sql.Composed, dict[str, object]]:
         """_ROLLUP_QUERY and its parameters, from those of _BUCKET_QUERY."""
         bucket = cls._grid_bucket(grid)
@@ -330,13 +350,14 @@ class Snapshot:
         query = sql.SQL(cls._ROLLUP_QUERY).format(
             bucket=sql.SQL(bucket), aggregate=sql.SQL(combine)
         )
-        unknown = {span_s for span_s, _, _ in sources} - {0, *ROLLUP_SPANS_S}
+        unknown = {kind for kind, _, _ in sources} - set(cls._SOURCE_PARAMS)
         if unknown:
-            raise ValueError(f"no rollups of {sorted(unknown)} seconds are kept")
-        for span_s, name in ((0, "points"), (3_600, "hours"), (86_400, "days")):
-            ranges = [(lo, hi) for span, lo, hi in sources if span == span_s]
+            raise ValueError(f"no rollups of {sorted(unknown)} are kept")
+        for kind, name in cls._SOURCE_PARAMS.items():
+            ranges = [(lo, hi) for of, lo, hi in sources if of == kind]
             params[f"{name}_lo"] = [_to_datetime(lo) for lo, _ in ranges]
             params[f"{name}_hi"] = [_to_datetime(hi) for _, hi in ranges]
+        params["timezone"] = timezone
         return query, params
 
     @classmethod
@@ -358,6 +379,7 @@ class Snapshot:
         aggregation: str,
         limit: int | None,
         sources: Sequence[Source] | None = None,
+        timezone: str = "UTC",
     ) -> tuple[sql.Composed, dict[str, object]]:
         """The statement and parameters buckets() runs."""
         aggregate = cls._AGGREGATE_SQL.get(aggregation.upper())
@@ -378,7 +400,7 @@ class Snapshot:
         if grid.edges_s:
             params["edges"] = [_to_datetime(edge) for edge in grid.edges_s]
         if sources is not None:
-            return cls._rollup_query(params, grid, aggregation, sources)
+            return cls._rollup_query(params, grid, aggregation, sources, timezone)
         return query, params
 
     # Coverage is measured over [start, end), except that after a successful run it stops at
@@ -480,7 +502,8 @@ class Repository:
 
     Queries and snapshots use one pool, ingestion's coverage reads and writes (uncovered,
     upsert_points, record_attempt) another, so neither can take every connection the
-    other needs.
+    other needs. `rollup_timezones` are the IANA zones whose local days are rolled up
+    (storage.rollup_timezones); migrate() builds or drops them to match.
     """
 
     def __init__(
@@ -490,10 +513,13 @@ class Repository:
         max_connections: int = 10,
         connect_timeout_s: float = 5.0,
         write_connections: int = WRITE_CONNECTIONS,
+        rollup_timezones: Sequence[str] = (),
     ) -> None:
         if write_connections < 1:
             raise ValueError(f"write_connections must be at least 1, not {write_connections!r}")
         self._dsn = dsn
+        self._wanted_timezones = tuple(dict.fromkeys(rollup_timezones))
+        self._rollup_timezones: frozenset[str] = frozenset()
         self._connect_timeout_s = connect_timeout_s
         # Health checks run on a connection of their own: a pool busy with slow streams
         # and queries is not a database that is down, and must not turn health NOT_SERVING.
@@ -605,7 +631,40 @@ class Repository:
                 conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
                 applied.append(path.name)
                 log.info("applied migration", extra={"migration": path.name})
+            self._sync_rollup_timezones(conn)
+        self._rollup_timezones = frozenset(self._wanted_timezones)
         return applied
+
+    @property
+    def rollup_timezones(self) -> frozenset[str]:
+        """The zones whose local-day rollups queries may read: empty until migrate()."""
+        return self._rollup_timezones
+
+    def _sync_rollup_timezones(self, conn: psycopg.Connection) -> None:
+        """Build the local days of the wanted zones not yet kept; drop those not wanted."""
+        kept = {row[0] for row in conn.execute("SELECT timezone FROM rollup_timezones")}
+        wanted = set(self._wanted_timezones)
+        if kept == wanted:
+            return
+        # Writers wait while the set changes: a write that missed a zone being added would
+        # leave its local days out of date.
+        conn.execute("LOCK TABLE points IN SHARE MODE")
+        for zone in sorted(kept - wanted):
+            conn.execute("DELETE FROM points_local_daily WHERE timezone = %s", (zone,))
+            conn.execute("DELETE FROM rollup_timezones WHERE timezone = %s", (zone,))
+            log.info("dropped local-day rollups", extra={"timezone": zone})
+        for zone in sorted(wanted - kept):
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT now() AT TIME ZONE %s", (zone,))
+            except psycopg.errors.InvalidParameterValue:
+                raise ValueError(
+                    f"storage.rollup_timezones: the database does not know the time zone "
+                    f"{zone!r}: use an IANA name it lists in pg_timezone_names"
+                ) from None
+            conn.execute("INSERT INTO rollup_timezones (timezone) VALUES (%s)", (zone,))
+            conn.execute("SELECT build_local_days(%s)", (zone,))
+            log.info("built local-day rollups", extra={"timezone": zone})
 
     # Compressed batches hold one asset's points in time order: the bucketed query reads one
     # asset at a time, and the primary key (asset_id, time) stays enforceable on compressed

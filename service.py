@@ -17,11 +17,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from buckets import FILLS, Buckets, Window, fill_gaps, fillable, sources
+from buckets import FILLS, POINTS, Buckets, Source, Window, fill_gaps, fillable, sources
 from interceptors import CacheKey
 from repository import (
     AGGREGATIONS,
-    ROLLUP_SPANS_S,
     Bucket,
     BucketGrid,
     Cancellation,
@@ -31,7 +30,6 @@ from repository import (
     QueryCancelled,
     Repository,
     Snapshot,
-    Source,
 )
 
 # The .proto stays the single source of truth: it is compiled at import time, never checked in.
@@ -337,21 +335,29 @@ def plan_query(
     *,
     now_s: float,
     guard: Callable[[Iterable[int]], Iterable[int]] = iter,
-    spans: Sequence[int] = ROLLUP_SPANS_S,
+    rollups: bool = True,
+    local_days: bool = False,
 ) -> QueryPlan:
     """Plan the answer to `query` from the extent of its stored points (when needs_extent).
 
     `guard` wraps the laying out of bucket edges, which can take long, so that it can stop
-    (by raising) when the call ends. `spans` are the rollups the plan may read (none: the
-    points alone).
+    (by raising) when the call ends. Without `rollups` the plan reads the points alone;
+    `local_days` says the query's zone has local-day rollups.
     """
+
+    def where_from(lo: int, hi: int, edges: Sequence[int]) -> tuple[Source, ...] | None:
+        # From the points alone, one plain statement over the range is faster than the
+        # rollup statement's ranges.
+        found = tuple(sources(buckets, lo, hi, edges, local_days=local_days)) if rollups else ()
+        return None if all(kind == POINTS for kind, _, _ in found) else found
+
     buckets = query.buckets
     if extent is None:
         # The original query, alone: answers to requests without the newer fields stay
         # exactly what they were.
         return QueryPlan(
             BucketGrid(window_s=buckets.stride_s),
-            sources=_sources(buckets, query.start_s, query.end_s, (), spans),
+            sources=where_from(query.start_s, query.end_s, ()),
         )
     grid = plan_sources = None
     if extent.first_s is not None and extent.last_s is not None:
@@ -360,7 +366,7 @@ def plan_query(
         lo, hi = extent.first_s, extent.last_s + 1
         edges = list(guard(buckets.edges(lo, hi)))
         grid = BucketGrid(window_s=buckets.stride_s, edges_s=edges)
-        plan_sources = _sources(buckets, lo, hi, edges, spans)
+        plan_sources = where_from(lo, hi, edges)
     fill_end = query.end_s
     if extent.after is None and query.end_s > now_s:
         # Nothing is invented past the last stored point while end is still ahead: the
@@ -381,15 +387,6 @@ def plan_query(
         after=extent.after,
     )
     return QueryPlan(grid, fill_range, extent.before, extent.after, plan_sources)
-
-
-def _sources(
-    buckets: Buckets, lo: int, hi: int, edges: Sequence[int], spans: Sequence[int]
-) -> tuple[Source, ...] | None:
-    """Where to read [lo, hi) from; None when from the points alone, which one plain
-    statement over the range reads faster than the rollup statement's ranges would."""
-    found = tuple(sources(buckets, lo, hi, edges, spans))
-    return None if all(span == 0 for span, _, _ in found) else found
 
 
 # --- the cache key -------------------------------------------------------------------------
@@ -596,7 +593,7 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
         self._page_points = page_points
         self._streams = StreamLimiter(max_streams=max_streams, idle_timeout_s=stream_idle_timeout_s)
         self._clock = clock
-        self._spans = ROLLUP_SPANS_S if rollups else ()
+        self._rollups = rollups
         # The [start, end) range ingestion keeps complete; coverage is measured against it.
         self._window = window or _default_window
 
@@ -706,7 +703,8 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             extent,
             now_s=self._clock(),
             guard=lambda edges: _until_call_ends(edges, context),
-            spans=self._spans,
+            rollups=self._rollups,
+            local_days=query.timezone in self._repository.rollup_timezones,
         )
         rows: Iterable[Bucket] = ()
         if plan.grid is not None:
@@ -720,6 +718,7 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
                 # A bounded answer comes back sooner in one read; see Snapshot.buckets.
                 batch_size=self._page_points if limit is None else None,
                 sources=plan.sources,
+                timezone=query.timezone,
             )
         if plan.fill_range is None:
             yield from rows

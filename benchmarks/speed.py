@@ -64,6 +64,9 @@ ONE_DAY_START_S = START_S + 365 * DAY_S
 MAX_POINTS = 100_000  # query.max_points' default: the limit the service puts on the SQL
 
 P2_CASES = [("1d", "UTC"), ("1d", "Europe/Berlin"), ("1mo", "Europe/Berlin")]
+# The service keeps local-day rollups for the zone P2 asks for, as its users would configure
+# it (storage.rollup_timezones); P5's bootstrap keeps them too.
+ROLLUP_TIMEZONES = "Europe/Berlin"
 
 
 @dataclass
@@ -123,7 +126,8 @@ def service_sql(repo: Repository, request: object, assets: list[str]) -> tuple[o
             extent = snapshot.extent(
                 asset_id=query.asset_id, start_s=query.start_s, end_s=query.end_s
             )
-    plan = service.plan_query(query, extent, now_s=time.time())
+    local_days = query.timezone in ROLLUP_TIMEZONES.split(",")
+    plan = service.plan_query(query, extent, now_s=time.time(), local_days=local_days)
     return Snapshot._bucket_query(
         query.asset_id,
         query.start_s,
@@ -132,6 +136,7 @@ def service_sql(repo: Repository, request: object, assets: list[str]) -> tuple[o
         query.aggregation,
         MAX_POINTS + 1,
         plan.sources,
+        query.timezone,
     )
 
 
@@ -271,7 +276,9 @@ def run_queries(server: str, assets: list[str], settings: Settings) -> dict[str,
             flush=True,
         )
         with (
-            running_server(dsn, upstream_assets=",".join(assets)) as process,
+            running_server(
+                dsn, upstream_assets=",".join(assets), storage_rollup_timezones=ROLLUP_TIMEZONES
+            ) as process,
             Repository(dsn=dsn, max_connections=2) as repo,
             psycopg.connect(dsn, autocommit=True) as conn,
         ):
@@ -371,6 +378,7 @@ def bootstrap_rate(server: str, assets: list[str], timeout_s: float) -> tuple[in
             dsn,
             upstream_url=upstream.url_template,
             upstream_assets=",".join(assets),
+            storage_rollup_timezones=ROLLUP_TIMEZONES,
             logging_level="warning",
         ) as process:
             serving_s = time.perf_counter() - started

@@ -20,6 +20,25 @@ CREATE TABLE IF NOT EXISTS points_hourly (
 
 CREATE TABLE IF NOT EXISTS points_daily (LIKE points_hourly INCLUDING ALL);
 
+-- The local days of the zones in rollup_timezones (storage.rollup_timezones): a day starts
+-- at its first instant, local midnight or the end of a DST gap at midnight, and lasts 23 to
+-- 25 hours. Zones are added and removed by Repository.sync_rollup_timezones.
+CREATE TABLE IF NOT EXISTS rollup_timezones (timezone text PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS points_local_daily (
+    asset_id text NOT NULL,
+    timezone text NOT NULL,
+    start timestamptz NOT NULL,
+    count bigint NOT NULL,
+    min double precision NOT NULL,
+    max double precision NOT NULL,
+    sum double precision,
+    first_time timestamptz NOT NULL,
+    first_value double precision NOT NULL,
+    last_time timestamptz NOT NULL,
+    last_value double precision NOT NULL,
+    PRIMARY KEY (asset_id, timezone, start)
+);
+
 -- Sums are kept as PostgreSQL sums them, value by value in float8, but never fail a write:
 -- a sum of the values scaled by 2^-32 cannot overflow (there are fewer than 2^32 of them)
 -- and, scaled back, is the same sum bit for bit (for values above 1e-298, which scaling
@@ -105,6 +124,56 @@ BEGIN
         count = EXCLUDED.count, min = EXCLUDED.min, max = EXCLUDED.max, sum = EXCLUDED.sum,
         first_time = EXCLUDED.first_time, first_value = EXCLUDED.first_value,
         last_time = EXCLUDED.last_time, last_value = EXCLUDED.last_value;
+
+    -- An hour can hold the end of one local day and the start of the next (Asia/Kolkata).
+    WITH days AS (
+        SELECT DISTINCT z.timezone, date_trunc('day', t AT TIME ZONE z.timezone) AS day
+        FROM unnest(hours) AS h
+        CROSS JOIN unnest(ARRAY[h, h + interval '3599 seconds']) AS t
+        CROSS JOIN rollup_timezones AS z
+    ), fresh AS (
+        SELECT d.timezone, d.day AT TIME ZONE d.timezone AS start, agg.*
+        FROM days AS d
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS count, min(value) AS min, max(value) AS max,
+                   unscaled_sum(sum(value * 2.3283064365386963e-10)) AS sum,
+                   min(time) AS first_time,
+                   (min(ARRAY[date_part('epoch', time), value]))[2] AS first_value,
+                   max(time) AS last_time,
+                   (max(ARRAY[date_part('epoch', time), value]))[2] AS last_value
+            FROM points
+            WHERE asset_id = asset AND time >= d.day AT TIME ZONE d.timezone
+              AND time < (d.day + interval '1 day') AT TIME ZONE d.timezone
+        ) AS agg
+    ), emptied AS (
+        DELETE FROM points_local_daily AS r USING fresh AS f
+        WHERE f.count = 0 AND r.asset_id = asset AND r.timezone = f.timezone
+          AND r.start = f.start
+    )
+    INSERT INTO points_local_daily
+    SELECT asset, timezone, start, count, min, max, sum,
+           first_time, first_value, last_time, last_value
+    FROM fresh WHERE count > 0
+    ON CONFLICT (asset_id, timezone, start) DO UPDATE SET
+        count = EXCLUDED.count, min = EXCLUDED.min, max = EXCLUDED.max, sum = EXCLUDED.sum,
+        first_time = EXCLUDED.first_time, first_value = EXCLUDED.first_value,
+        last_time = EXCLUDED.last_time, last_value = EXCLUDED.last_value;
+END
+$$;
+
+-- Build the local days of one zone from the points, replacing any kept.
+CREATE OR REPLACE FUNCTION build_local_days(zone text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM points_local_daily WHERE timezone = zone;
+    INSERT INTO points_local_daily
+    SELECT asset_id, zone, date_trunc('day', time AT TIME ZONE zone) AT TIME ZONE zone AS start,
+           count(*), min(value), max(value), unscaled_sum(sum(value * 2.3283064365386963e-10)),
+           min(time), (min(ARRAY[date_part('epoch', time), value]))[2],
+           max(time), (max(ARRAY[date_part('epoch', time), value]))[2]
+    FROM points
+    GROUP BY asset_id, start
+    ORDER BY start;
 END
 $$;
 
@@ -114,7 +183,7 @@ CREATE OR REPLACE FUNCTION rebuild_rollups() RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     -- Whole tables rewritten at once: one scan of points instead of a refresh per hour.
-    TRUNCATE points_hourly, points_daily;
+    TRUNCATE points_hourly, points_daily, points_local_daily;
     INSERT INTO points_hourly
     SELECT asset_id, date_bin('3600 seconds', time, TIMESTAMPTZ 'epoch') AS start,
            count(*), min(value), max(value), unscaled_sum(sum(value * 2.3283064365386963e-10)),
@@ -134,6 +203,7 @@ BEGIN
     FROM points_hourly
     GROUP BY asset_id, day
     ORDER BY day;
+    PERFORM build_local_days(timezone) FROM rollup_timezones;
 END
 $$;
 

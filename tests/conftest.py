@@ -115,7 +115,7 @@ def empty_database(dsn: str) -> None:
             " OR EXISTS (SELECT FROM points_hourly)"
         ).fetchall()
         if filled:
-            conn.execute("TRUNCATE points, points_hourly, points_daily, assets")
+            conn.execute("TRUNCATE points, points_hourly, points_daily, points_local_daily, assets")
 
 
 @pytest.fixture

@@ -119,6 +119,8 @@ database:
         ("upstream: {chunk: 1m}\n", {}, "upstream.chunk: must be at least 15m"),
         ("upstream: {max_response_bytes: 0}\n", {}, "upstream.max_response_bytes: must be"),
         ("storage: {retention: 0}\n", {}, "storage.retention"),
+        ("storage: {rollup_timezones: [Mars/Olympus]}\n", {}, "storage.rollup_timezones: unknown"),
+        ("", {"EDGECOM_STORAGE_ROLLUP_TIMEZONES": "Etc/UTC"}, "storage.rollup_timezones: 'Etc"),
         ("auth: {tokens: ['a', '']}\n", {}, "auth.tokens"),
         ("", {"EDGECOM_UPSTREAM_RETRY_ATTEMPTS": "0"}, "upstream.retry_attempts"),
         ("server: [1, 2]\n", {}, "server: expected a mapping"),

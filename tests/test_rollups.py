@@ -18,8 +18,8 @@ import pytest
 from conftest import ASSET, RunningService, request
 
 import service as service_module
-from buckets import Buckets, sources
-from repository import AGGREGATIONS, ROLLUP_SPANS_S
+from buckets import DAYS, HOURS, LOCAL_DAYS, POINTS, Buckets, sources
+from repository import AGGREGATIONS, Repository
 from service import parse_bucket_window
 
 HOUR = 3600
@@ -29,7 +29,19 @@ DAY = 86400
 FIRST_S = int(datetime(2024, 2, 20, tzinfo=UTC).timestamp())
 LAST_S = int(datetime(2024, 4, 20, tzinfo=UTC).timestamp())
 WINDOWS = ("15m", "30m", "1h", "2h", "3h", "5h", "6h", "12h", "1d", "2d", "36h", "7d", "1w", "1mo")
-ZONES = ("", "UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe")
+ZONES = (
+    "",
+    "UTC",
+    "Europe/Berlin",
+    "America/New_York",
+    "Asia/Kolkata",
+    "Australia/Lord_Howe",
+    "America/Santiago",
+    "Asia/Tokyo",
+)
+# Zones with local-day rollups: whole-hour, half-hour and half-hour-DST offsets, and
+# Santiago, whose DST ends at midnight (2024-04-07).
+LOCAL_DAY_ZONES = ("Europe/Berlin", "Asia/Kolkata", "Australia/Lord_Howe", "America/Santiago")
 FILLS = ("none", "zero", "previous", "linear", "nan")
 QUERIES = 150
 
@@ -69,35 +81,48 @@ def answer(service: RunningService, query) -> object:
     return [(p.time.seconds, p.value, p.count) for p in reply.data]
 
 
+def assert_same_answer(with_rollups: RunningService, without: RunningService, query) -> bool:
+    """Both services answer `query` alike; returns whether they answered with points."""
+    got, expected = answer(with_rollups, query), answer(without, query)
+    if not isinstance(expected, list):
+        assert got == expected, query
+        return False
+    assert [(t, n) for t, _, n in got] == [(t, n) for t, _, n in expected], query
+    for (t, value, _), (_, want, _) in zip(got, expected, strict=True):
+        assert (
+            value == want
+            or math.isclose(value, want, rel_tol=1e-9, abs_tol=1e-9)
+            or (math.isnan(value) and math.isnan(want))
+        ), (query, t, value, want)
+    return True
+
+
 def assert_equivalent(with_rollups: RunningService, without: RunningService, rng) -> int:
-    """Ask both services the same random queries; returns how many were answered."""
-    answered = 0
-    for _ in range(QUERIES):
-        query = random_query(rng)
-        got, expected = answer(with_rollups, query), answer(without, query)
-        if not isinstance(expected, list):
-            assert got == expected, query
-            continue
-        answered += 1
-        assert [(t, n) for t, _, n in got] == [(t, n) for t, _, n in expected], query
-        for (t, value, _), (_, want, _) in zip(got, expected, strict=True):
-            assert (
-                value == want
-                or math.isclose(value, want, rel_tol=1e-9, abs_tol=1e-9)
-                or (math.isnan(value) and math.isnan(want))
-            ), (query, t, value, want)
+    """Ask both services random queries, then every day, week and month bucket of the data
+    in each zone with local days; returns how many were answered with points."""
+    answered = sum(
+        assert_same_answer(with_rollups, without, random_query(rng)) for _ in range(QUERIES)
+    )
+    for zone in LOCAL_DAY_ZONES:
+        for window in ("1d", "1w", "1mo"):
+            for aggregation in ("AVG", "FIRST", "LAST", "COUNT"):
+                query = request(FIRST_S - DAY, LAST_S + DAY, window, aggregation, timezone=zone)
+                assert assert_same_answer(with_rollups, without, query)
     return answered
 
 
 @pytest.fixture
-def services(repository):
-    both = [
-        RunningService(repository, assets=(ASSET,), max_points=100_000, rollups=r)
-        for r in (True, False)
-    ]
-    yield both
-    for running in both:
-        running.close()
+def services(dsn):
+    """A service reading rollups (with local days in LOCAL_DAY_ZONES) and one reading points."""
+    with Repository(dsn=dsn, max_connections=4, rollup_timezones=LOCAL_DAY_ZONES) as repository:
+        repository.migrate()
+        both = [
+            RunningService(repository, assets=(ASSET,), max_points=100_000, rollups=rollups)
+            for rollups in (True, False)
+        ]
+        yield both
+        for running in both:
+            running.close()
 
 
 def test_rollups_answer_as_the_points_do_before_and_after_revisions(services, dsn):
@@ -132,7 +157,8 @@ def test_rollups_answer_as_the_points_do_before_and_after_revisions(services, ds
     assert assert_equivalent(with_rollups, without, rng) > QUERIES // 2
 
 
-def test_the_rollups_equal_a_rebuild_from_the_points_after_revisions(repository, dsn):
+def test_the_rollups_equal_a_rebuild_from_the_points_after_revisions(services, dsn):
+    repository = services[0].repository
     rng = random.Random(7)
     points = stored_points(rng)
     repository.upsert_points(ASSET, points)
@@ -142,19 +168,19 @@ def test_the_rollups_equal_a_rebuild_from_the_points_after_revisions(repository,
             "DELETE FROM points WHERE time < %s",
             (datetime.fromtimestamp(FIRST_S + 5 * DAY + 7 * HOUR, UTC),),
         )
-        kept = [
-            conn.execute(f"SELECT * FROM {table} ORDER BY start").fetchall()
-            for table in ("points_hourly", "points_daily")
-        ]
-        conn.execute("SELECT rebuild_rollups()")
-        rebuilt = [
-            conn.execute(f"SELECT * FROM {table} ORDER BY start").fetchall()
-            for table in ("points_hourly", "points_daily")
-        ]
-    assert len(kept[0]) > 1000 and len(kept[1]) > 50
+        tables = ("points_hourly", "points_daily", "points_local_daily")
+        columns = "asset_id, start, count, min, max, first_time, first_value, last_time, last_value"
+        kept, rebuilt = [], []
+        for rows in (kept, rebuilt):
+            for table in tables:
+                rows.append(
+                    conn.execute(f"SELECT {columns}, sum FROM {table} ORDER BY 1, 2").fetchall()
+                )
+            conn.execute("SELECT rebuild_rollups()")
+    assert len(kept[0]) > 1000 and len(kept[1]) > 50 and len(kept[2]) > 200
     for mine, theirs in zip(kept, rebuilt, strict=True):
-        assert [row[:5] + row[6:] for row in mine] == [row[:5] + row[6:] for row in theirs]
-        assert [row[5] for row in mine] == pytest.approx([row[5] for row in theirs], rel=1e-12)
+        assert [row[:-1] for row in mine] == [row[:-1] for row in theirs]
+        assert [row[-1] for row in mine] == pytest.approx([row[-1] for row in theirs], rel=1e-12)
 
 
 def test_queries_that_rollups_can_answer_read_them(services, dsn):
@@ -162,73 +188,108 @@ def test_queries_that_rollups_can_answer_read_them(services, dsn):
     start = FIRST_S + 10 * DAY
     with_rollups.repository.upsert_points(ASSET, [(start + i * 900, 1.0) for i in range(96 * 40)])
     # A rollup changed behind the service's back shows in the answers that read it.
+    berlin_day = datetime(2024, 3, 12, tzinfo=ZoneInfo("Europe/Berlin"))
     with psycopg.connect(dsn) as conn:
-        conn.execute(
-            "UPDATE points_hourly SET max = 99 WHERE start = %s",
-            (datetime.fromtimestamp(start + 30 * DAY + 5 * HOUR, UTC),),
-        )
-        conn.execute(
-            "UPDATE points_daily SET max = 99 WHERE start = %s",
-            (datetime.fromtimestamp(start + 3 * DAY, UTC),),
-        )
-    for window, zone, rolled_up in [
-        ("1h", "", True),
-        ("1d", "Europe/Berlin", True),
-        ("1mo", "America/New_York", True),
-        ("1d", "", True),
-        ("1d", "Asia/Kolkata", True),
-        ("15m", "", False),
-        ("1h", "Asia/Kolkata", False),
+        for table, moment in [
+            ("points_hourly", datetime.fromtimestamp(start + 30 * DAY + 5 * HOUR, UTC)),
+            ("points_daily", datetime.fromtimestamp(start + 3 * DAY, UTC)),
+            ("points_local_daily", berlin_day),
+        ]:
+            changed = conn.execute(f"UPDATE {table} SET max = 99 WHERE start = %s", (moment,))
+            assert changed.rowcount >= 1, table
+    for window, zone, read in [
+        ("1h", "", "an hour"),
+        ("1d", "", "a UTC day"),
+        ("1mo", "America/New_York", "a UTC day"),
+        ("1d", "Asia/Tokyo", "an hour"),
+        ("1d", "Europe/Berlin", "a Berlin day"),
+        ("1w", "Europe/Berlin", "a Berlin day"),
+        ("1d", "Asia/Kolkata", None),  # its local days, none changed
+        ("15m", "", None),
+        ("1h", "Asia/Kolkata", None),
     ]:
         query = request(start, start + 40 * DAY, window, "MAX", timezone=zone)
         peak = max(v for _, v, _ in answer(with_rollups, query))
-        assert peak == (99 if rolled_up else 1.0), (window, zone)
+        assert peak == (99 if read else 1.0), (window, zone)
         assert max(v for _, v, _ in answer(without, query)) == 1.0
 
 
-def pieces(window: str, zone: str, lo: int, hi: int) -> list[tuple[int, int, int]]:
+def pieces(window: str, zone: str, lo: int, hi: int, local_days: bool = False):
     buckets = Buckets(parse_bucket_window(window), ZoneInfo(zone) if zone != "UTC" else UTC)
-    return sources(buckets, lo, hi, list(buckets.edges(lo, hi)), ROLLUP_SPANS_S)
+    return sources(buckets, lo, hi, list(buckets.edges(lo, hi)), local_days=local_days)
 
 
 def test_a_range_is_read_from_the_coarsest_rollup_no_bucket_edge_cuts():
     day = FIRST_S  # a UTC midnight
     lo, hi = day - HOUR - 60, day + 3 * DAY + 2 * HOUR + 30
     assert pieces("1d", "UTC", lo, hi) == [
-        (0, lo, day - HOUR),
-        (HOUR, day - HOUR, day),
-        (DAY, day, day + 3 * DAY),
-        (HOUR, day + 3 * DAY, day + 3 * DAY + 2 * HOUR),
-        (0, day + 3 * DAY + 2 * HOUR, hi),
+        (POINTS, lo, day - HOUR),
+        (HOURS, day - HOUR, day),
+        (DAYS, day, day + 3 * DAY),
+        (HOURS, day + 3 * DAY, day + 3 * DAY + 2 * HOUR),
+        (POINTS, day + 3 * DAY + 2 * HOUR, hi),
     ]
     assert pieces("2h", "UTC", lo, hi) == [
-        (0, lo, day - HOUR),
-        (HOUR, day - HOUR, hi - 30),
-        (0, hi - 30, hi),
+        (POINTS, lo, day - HOUR),
+        (HOURS, day - HOUR, hi - 30),
+        (POINTS, hi - 30, hi),
     ]
-    assert pieces("15m", "UTC", lo, hi) == [(0, lo, hi)]
-    # Berlin's days start at 23:00 UTC in winter: whole UTC days fit none of them.
-    assert pieces("1d", "Europe/Berlin", day - HOUR, day + 3 * DAY - HOUR) == [
-        (HOUR, day - HOUR, day + 3 * DAY - HOUR)
+    assert pieces("15m", "UTC", lo, hi) == [(POINTS, lo, hi)]
+    # Berlin's days start at 23:00 UTC in winter: whole UTC days fit none of them, its
+    # local days all of them.
+    berlin = (day - HOUR, day + 3 * DAY - HOUR)
+    assert pieces("1d", "Europe/Berlin", *berlin) == [(HOURS, *berlin)]
+    assert pieces("1d", "Europe/Berlin", *berlin, local_days=True) == [(LOCAL_DAYS, *berlin)]
+    assert pieces("1mo", "Europe/Berlin", lo, hi, local_days=True) == [
+        (POINTS, lo, day - HOUR),
+        (LOCAL_DAYS, day - HOUR, day + 3 * DAY - HOUR),
+        (HOURS, day + 3 * DAY - HOUR, day + 3 * DAY + 2 * HOUR),
+        (POINTS, day + 3 * DAY + 2 * HOUR, hi),
     ]
     # Kolkata's days start at 18:30 UTC: their half hours are read from the points.
-    assert pieces("1d", "Asia/Kolkata", day - 5 * HOUR - 1800, day + DAY - 5 * HOUR - 1800) == [
-        (0, day - 5 * HOUR - 1800, day - 5 * HOUR),
-        (HOUR, day - 5 * HOUR, day + DAY - 6 * HOUR),
-        (0, day + DAY - 6 * HOUR, day + DAY - 5 * HOUR - 1800),
+    kolkata = (day - 5 * HOUR - 1800, day + DAY - 5 * HOUR - 1800)
+    assert pieces("1d", "Asia/Kolkata", *kolkata) == [
+        (POINTS, kolkata[0], day - 5 * HOUR),
+        (HOURS, day - 5 * HOUR, day + DAY - 6 * HOUR),
+        (POINTS, day + DAY - 6 * HOUR, kolkata[1]),
     ]
+    assert pieces("1d", "Asia/Kolkata", *kolkata, local_days=True) == [(LOCAL_DAYS, *kolkata)]
     # Lord Howe's winter offset, +10:30, puts every hour bucket across a UTC hour.
     june = int(datetime(2024, 6, 1, tzinfo=UTC).timestamp())
-    assert pieces("1h", "Australia/Lord_Howe", june, june + DAY) == [(0, june, june + DAY)]
+    assert pieces("1h", "Australia/Lord_Howe", june, june + DAY) == [(POINTS, june, june + DAY)]
     midnight = june - 10 * HOUR - 1800
     assert pieces("1d", "Australia/Lord_Howe", midnight, midnight + DAY) == [
-        (0, midnight, midnight + 1800),
-        (HOUR, midnight + 1800, midnight + DAY - 1800),
-        (0, midnight + DAY - 1800, midnight + DAY),
+        (POINTS, midnight, midnight + 1800),
+        (HOURS, midnight + 1800, midnight + DAY - 1800),
+        (POINTS, midnight + DAY - 1800, midnight + DAY),
     ]
 
 
 def test_without_rollups_a_plan_reads_the_points_alone():
     query = service_module.parse_query(request(FIRST_S, FIRST_S + 30 * DAY, "1d"), [ASSET])
     assert service_module.plan_query(query, None, now_s=LAST_S).sources is not None
-    assert service_module.plan_query(query, None, now_s=LAST_S, spans=()).sources is None
+    assert service_module.plan_query(query, None, now_s=LAST_S, rollups=False).sources is None
+
+
+def test_a_zone_listed_at_start_gets_its_local_days_and_one_no_longer_listed_loses_them(
+    start_service, repository, dsn
+):
+    midnight = int(datetime(2024, 3, 30, tzinfo=ZoneInfo("Europe/Berlin")).timestamp())
+    # Three Berlin days, the middle one 23 hours long (DST starts on 2024-03-31).
+    repository.upsert_points(ASSET, [(midnight + i * 900, 1.0) for i in range(3 * 96 - 4)])
+    listed = start_service("listed", EDGECOM_STORAGE_ROLLUP_TIMEZONES="Europe/Berlin")
+    listed.wait_serving()
+    with psycopg.connect(dsn) as conn:
+        kept = conn.execute(
+            "SELECT extract(epoch FROM start)::bigint, count FROM points_local_daily"
+            " WHERE timezone = 'Europe/Berlin' ORDER BY start"
+        ).fetchall()
+    assert kept == [(midnight, 96), (midnight + DAY, 92), (midnight + 2 * DAY - HOUR, 96)]
+    query = request(midnight, midnight + 3 * DAY, "1d", "COUNT", timezone="Europe/Berlin")
+    assert [(p.time.seconds, p.count) for p in listed.stub().QueryTimeSeries(query).data] == kept
+    listed.close()
+
+    start_service("unlisted").wait_serving()
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM points_local_daily").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM rollup_timezones").fetchone() == (0,)
