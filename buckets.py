@@ -203,10 +203,12 @@ class Buckets:
         midnight = datetime.fromordinal(day)
         local_s = (day - _EPOCH_DAY) * DAY_S
         # utcoffset of the naive local time: no datetime outside years 1 to 9999 is made.
-        readings = sorted(
-            local_s - int(self.zone.utcoffset(midnight.replace(fold=fold)).total_seconds())
-            for fold in (0, 1)
-        )
+        before = self.zone.utcoffset(midnight)
+        after = self.zone.utcoffset(midnight.replace(fold=1))
+        if before == after:
+            # Midnight occurs exactly once, as on almost every day: it is the first instant.
+            return max(FIRST_S, min(local_s - int(before.total_seconds()), LAST_S + 1))
+        readings = sorted(local_s - int(offset.total_seconds()) for offset in (before, after))
         if self._local_day(readings[0]) >= day:
             return max(FIRST_S, min(readings[0], LAST_S + 1))
         # Midnight falls in a gap: the two readings, made with the offsets before and after

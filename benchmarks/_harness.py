@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,14 +45,15 @@ def server_dsn(dsn: str | None) -> Iterator[str]:
 
 
 @contextmanager
-def empty_database(server: str) -> Iterator[str]:
-    """A migrated database with no points on `server`; dropped after."""
+def empty_database(server: str, *, rollup_timezones: Sequence[str] = ()) -> Iterator[str]:
+    """A migrated database with no points on `server`, keeping the local-day rollups of
+    `rollup_timezones` (storage.rollup_timezones); dropped after."""
     name = f"edgecom_bench_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     dsn = make_conninfo(server, dbname=name)
     try:
-        with Repository(dsn=dsn) as repo:
+        with Repository(dsn=dsn, rollup_timezones=rollup_timezones) as repo:
             repo.migrate()
         yield dsn
     finally:

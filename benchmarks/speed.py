@@ -267,7 +267,7 @@ def query_figures(ctx: Context, settings: Settings) -> dict[str, tuple]:
 
 def run_queries(server: str, assets: list[str], settings: Settings) -> dict[str, tuple]:
     """Load two years of `assets` with COPY, start the service on them, measure."""
-    with empty_database(server) as dsn:
+    with empty_database(server, rollup_timezones=ROLLUP_TIMEZONES.split(",")) as dsn:
         started = time.perf_counter()
         copy_points(dsn, assets, start_s=START_S, count=COUNT)
         print(
