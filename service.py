@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, tzinfo
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from repository import (
     Repository,
     Snapshot,
 )
+from wire import encode_points
 
 # The .proto stays the single source of truth: it is compiled at import time, never checked in.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "proto"))
@@ -415,12 +417,22 @@ def _until_call_ends(items: Iterable[T], context: grpc.ServicerContext) -> Itera
     An answer of millions of buckets is built in Python, where nothing else would notice
     that its client has gone: it would keep a core busy and a shutdown waiting.
     """
-    for n, item in enumerate(items):
-        if n % _CHECK_EVERY == 0:
-            remaining = context.time_remaining()
-            if not context.is_active() or (remaining is not None and remaining <= 0):
-                raise QueryCancelled("the call ended before its answer did")
-        yield item
+    items = iter(items)
+    # Taken _CHECK_EVERY at a time and checked after each take: the items pass through
+    # without Python code of ours run for each one.
+    while taken := list(islice(items, _CHECK_EVERY)):
+        remaining = context.time_remaining()
+        if not context.is_active() or (remaining is not None and remaining <= 0):
+            raise QueryCancelled("the call ended before its answer did")
+        yield from taken
+
+
+def _response(points: Sequence[Bucket]) -> Any:
+    """The TimeSeriesResponse holding `points`, (bucket start, value, count) each."""
+    # Parsed from bytes encoded in bulk: two years of minutes (70,080 points) take about
+    # 12 ms to encode and parse against about 60 ms for one data.add() and three field sets
+    # a point.
+    return protos.TimeSeriesResponse.FromString(encode_points(points))
 
 
 class StreamLimiter:
@@ -600,27 +612,20 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
     def QueryTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Any:
         with _status_on_error(context):
             query = parse_query(request, self._assets)
-            response = protos.TimeSeriesResponse()
-            data = response.data
             with (
                 self._snapshot(context) as snapshot,
                 closing(
                     self._series(snapshot, query, limit=self._max_points + 1, context=context)
                 ) as series,
             ):
-                for bucket, value, count in _until_call_ends(series, context):
-                    if len(data) == self._max_points:
-                        raise TooManyPoints(
-                            f"the answer has more than {self._max_points} points, filled "
-                            "buckets included: widen the window or shorten the range, or "
-                            "read it with StreamTimeSeries"
-                        )
-                    point = data.add()
-                    # Setting seconds directly is ~5x faster than Timestamp.FromDatetime.
-                    point.time.seconds = bucket
-                    point.value = value
-                    point.count = count
-            return response
+                points = list(islice(_until_call_ends(series, context), self._max_points + 1))
+            if len(points) > self._max_points:
+                raise TooManyPoints(
+                    f"the answer has more than {self._max_points} points, filled "
+                    "buckets included: widen the window or shorten the range, or "
+                    "read it with StreamTimeSeries"
+                )
+            return _response(points)
 
     def StreamTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         return self._streams.serve(context, self._stream_pages(request, context))
@@ -634,17 +639,9 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
                 self._snapshot(context) as snapshot,
                 closing(self._series(snapshot, query, limit=None, context=context)) as series,
             ):
-                page = protos.TimeSeriesResponse()
-                for bucket, value, count in _until_call_ends(series, context):
-                    point = page.data.add()
-                    point.time.seconds = bucket
-                    point.value = value
-                    point.count = count
-                    if len(page.data) == self._page_points:
-                        yield page
-                        page = protos.TimeSeriesResponse()
-                if page.data:
-                    yield page
+                points = _until_call_ends(series, context)
+                while page := list(islice(points, self._page_points)):
+                    yield _response(page)
 
     def _snapshot(self, context: grpc.ServicerContext) -> AbstractContextManager[Snapshot]:
         """A database snapshot whose statements stop when the call ends or its deadline passes."""
