@@ -1,6 +1,7 @@
 """The speed targets: each figure next to its reference from the same run, as a ratio.
 
-    uv run python benchmarks/speed.py [--dsn postgresql://...] [--assets 100] [--quick] [--skip-bootstrap]
+    uv run python benchmarks/speed.py [--dsn postgresql://...] [--assets 100] [--quick]
+                                      [--skip-bootstrap]
 
 Runs `edgecom.py` in a subprocess, as users do, on a scratch database (on --dsn,
 $EDGECOM_BENCH_DSN or an embedded PostgreSQL) holding two years of quarter-hours for one
