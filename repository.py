@@ -207,6 +207,8 @@ class Snapshot:
     }
     # The name of the server-side cursor buckets() reads through when given a batch size.
     _STREAM_CURSOR = "edgecom_buckets"
+    # Rows a chunk of an answer read without one holds.
+    _CHUNK_ROWS = 4096
 
     def buckets(
         self,
@@ -234,7 +236,16 @@ class Snapshot:
             # CLOSE: a bounded answer read whole comes back sooner, even against one FETCH of
             # it all (two years of 15-minute buckets: about 81 ms against 86 to 104 ms).
             with self._conn.cursor(binary=True) as cur:
-                rows = cur.execute(query, params).fetchall()
+                most = _most_buckets(grid, start_s, end_s)
+                if min(most, limit if limit is not None else most) <= self._CHUNK_ROWS:
+                    rows = cur.execute(query, params).fetchall()
+                else:
+                    # Taken in chunks as they arrive, the caller works on the first rows
+                    # while the database computes and sends the others: 70,080 rows
+                    # encoded as they come took 66 to 97 ms, against 96 to 104 ms after a
+                    # fetchall(); an answer of one chunk comes 0.05 ms sooner without.
+                    yield from cur.stream(query, params, size=self._CHUNK_ROWS)
+                    return
             yield from rows
             return
         cur = self._conn.cursor(self._STREAM_CURSOR, binary=True)
@@ -354,6 +365,13 @@ def _unavailable_on_failure(doing: str) -> Iterator[None]:
         if isinstance(exc, psycopg.errors.QueryCanceled):
             raise
         raise DatabaseUnavailable(f"database unreachable while {doing}: {exc}") from exc
+
+
+def _most_buckets(grid: BucketGrid, start_s: int, end_s: int) -> int:
+    """How many buckets of `grid` [start_s, end_s) overlaps at most."""
+    if grid.window_s:
+        return (end_s - start_s) // grid.window_s + 1 + len(grid.edges_s)
+    return len(grid.edges_s)
 
 
 def _to_datetime(seconds: int) -> datetime:

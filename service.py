@@ -417,22 +417,29 @@ def _until_call_ends(items: Iterable[T], context: grpc.ServicerContext) -> Itera
     An answer of millions of buckets is built in Python, where nothing else would notice
     that its client has gone: it would keep a core busy and a shutdown waiting.
     """
+    for chunk in _chunks_until_call_ends(items, context):
+        yield from chunk
+
+
+def _chunks_until_call_ends(items: Iterable[T], context: grpc.ServicerContext) -> Iterator[list[T]]:
+    """`items` in lists of up to _CHECK_EVERY, as _until_call_ends() ends them.
+
+    Taken and checked a list at a time, the items pass without Python code run for each.
+    """
     items = iter(items)
-    # Taken _CHECK_EVERY at a time and checked after each take: the items pass through
-    # without Python code of ours run for each one.
-    while taken := list(islice(items, _CHECK_EVERY)):
+    while chunk := list(islice(items, _CHECK_EVERY)):
         remaining = context.time_remaining()
         if not context.is_active() or (remaining is not None and remaining <= 0):
             raise QueryCancelled("the call ended before its answer did")
-        yield from taken
+        yield chunk
 
 
-def _response(points: Sequence[Bucket]) -> Any:
-    """The TimeSeriesResponse holding `points`, (bucket start, value, count) each."""
-    # Parsed from bytes encoded in bulk: two years of minutes (70,080 points) take about
-    # 12 ms to encode and parse against about 60 ms for one data.add() and three field sets
-    # a point.
-    return protos.TimeSeriesResponse.FromString(encode_points(points))
+def _response(encoded: bytes) -> Any:
+    """The TimeSeriesResponse of points encode_points() encoded."""
+    # Parsed from bytes encoded in bulk, rather than built with one data.add() and three
+    # field sets a point: for two years of minutes (70,080 points), about 8 ms to encode
+    # and 3 ms to parse against about 35 ms.
+    return protos.TimeSeriesResponse.FromString(encoded)
 
 
 class StreamLimiter:
@@ -618,14 +625,20 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
                     self._series(snapshot, query, limit=self._max_points + 1, context=context)
                 ) as series,
             ):
-                points = list(islice(_until_call_ends(series, context), self._max_points + 1))
-            if len(points) > self._max_points:
-                raise TooManyPoints(
-                    f"the answer has more than {self._max_points} points, filled "
-                    "buckets included: widen the window or shorten the range, or "
-                    "read it with StreamTimeSeries"
-                )
-            return _response(points)
+                # Encoded a chunk at a time, as the rows arrive: the database computes and
+                # sends the rest meanwhile.
+                encoded = []
+                points = 0
+                for chunk in _chunks_until_call_ends(series, context):
+                    points += len(chunk)
+                    if points > self._max_points:
+                        raise TooManyPoints(
+                            f"the answer has more than {self._max_points} points, filled "
+                            "buckets included: widen the window or shorten the range, or "
+                            "read it with StreamTimeSeries"
+                        )
+                    encoded.append(encode_points(chunk))
+            return _response(b"".join(encoded))
 
     def StreamTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         return self._streams.serve(context, self._stream_pages(request, context))
@@ -641,7 +654,7 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
             ):
                 points = _until_call_ends(series, context)
                 while page := list(islice(points, self._page_points)):
-                    yield _response(page)
+                    yield _response(encode_points(page))
 
     def _snapshot(self, context: grpc.ServicerContext) -> AbstractContextManager[Snapshot]:
         """A database snapshot whose statements stop when the call ends or its deadline passes."""
