@@ -296,6 +296,11 @@ class MetricsInterceptor(_WrappingInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # The metrics of each method and code, looked up once: labels() takes about 2 us a
+        # call, a sizeable share of what this whole chain costs a small call. Methods are
+        # the registered ones, and codes few, so this stays small.
+        self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._timers: dict[str, Any] = {}
 
     def _around(
         self, method: str, request: Any, context: grpc.ServicerContext, proceed: Proceed
@@ -309,10 +314,21 @@ class MetricsInterceptor(_WrappingInterceptor):
             raise
         finally:
             code = _final_code(context, error)
-            self._metrics.grpc_requests.labels(method=method, code=code.name).inc()
-            self._metrics.grpc_request_duration.labels(method=method).observe(
-                time.perf_counter() - start
-            )
+            self._counter(method, code).inc()
+            self._timer(method).observe(time.perf_counter() - start)
+
+    def _counter(self, method: str, code: grpc.StatusCode) -> Any:
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._metrics.grpc_requests.labels(method=method, code=code.name)
+            self._counters[method, code] = counter
+        return counter
+
+    def _timer(self, method: str) -> Any:
+        timer = self._timers.get(method)
+        if timer is None:
+            timer = self._timers[method] = self._metrics.grpc_request_duration.labels(method=method)
+        return timer
 
 
 class AuthInterceptor(_WrappingInterceptor):

@@ -82,13 +82,16 @@ def encode_points(points: Sequence[tuple[int, float, int]]) -> bytes:
 def _varint_width(numbers: bytes) -> int:
     """Bytes of the longest varint among `numbers`, int64s of 8 little-endian bytes each:
     10 when one is negative, as a varint holds its two's complement."""
+    n = len(numbers) // 8
     for byte in reversed(range(8)):
-        lengths = numbers[byte::8].translate(_BIT_LENGTHS)
-        for bits in range(8, 0, -1):
-            if bytes((bits,)) in lengths:
-                if byte == 7 and bits == 8:
-                    return 10
-                return (8 * byte + bits + 6) // 7
+        column = numbers[byte::8]
+        if column.count(0) == n:
+            continue
+        lengths = column.translate(_BIT_LENGTHS)
+        bits = next(bits for bits in range(8, 0, -1) if bits in lengths)
+        if byte == 7 and bits == 8:
+            return 10
+        return (8 * byte + bits + 6) // 7
     return 1
 
 
