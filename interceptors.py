@@ -46,25 +46,6 @@ Proceed = Callable[[], Iterator[Any]]
 Around = Callable[[Any, grpc.ServicerContext, Proceed], Iterator[Any]]
 
 
-@dataclass
-class CallInfo:
-    """Facts about one call shared between interceptors and the servicer."""
-
-    request_id: str
-    method: str
-    cache: str | None = None  # "hit" or "miss" when the cache looked at the call
-    points: int | None = None  # data points sent, summed over stream pages
-
-    def count_points(self, response: Any) -> None:
-        if isinstance(response, Serialized):
-            points = response.points
-        else:
-            data = getattr(response, "data", None)
-            points = None if data is None else len(data)
-        if points is not None:
-            self.points = (self.points or 0) + points
-
-
 @dataclass(frozen=True)
 class Serialized:
     """A response already serialized: every handler wrapped here sends its bytes as they are.
@@ -102,6 +83,25 @@ def _sending_serialized(
     if isinstance(serialize, _SendingSerialized):
         return serialize
     return _SendingSerialized(serialize)
+
+
+@dataclass
+class CallInfo:
+    """Facts about one call shared between interceptors and the servicer."""
+
+    request_id: str
+    method: str
+    cache: str | None = None  # "hit" or "miss" when the cache looked at the call
+    points: int | None = None  # data points sent, summed over stream pages
+
+    def count_points(self, response: Any) -> None:
+        if isinstance(response, Serialized):
+            points = response.points
+        else:
+            data = getattr(response, "data", None)
+            points = None if data is None else len(data)
+        if points is not None:
+            self.points = (self.points or 0) + points
 
 
 # The handler of a call, stream pages included, runs on one worker thread in a contextvars.Context
