@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -145,6 +145,7 @@ class Snapshot:
     def __init__(self, conn: psycopg.Connection) -> None:
         self._conn = conn
         self._cursors: list[psycopg.ServerCursor] = []
+        self._streams: list[Generator[Bucket, None, None]] = []
 
     # Each bound is one probe of the primary key (asset_id, time).
     _EXTENT = """
@@ -245,7 +246,9 @@ class Snapshot:
                     # and encoded as they come took 90 ms (median; best 65), after a
                     # fetchall() 113 ms (88). An answer of one chunk comes 0.05 ms sooner
                     # without. COPY TO STDOUT is slower still: a message a row.
-                    yield from cur.stream(query, params, size=self._CHUNK_ROWS)
+                    stream = cur.stream(query, params, size=self._CHUNK_ROWS)
+                    self._streams.append(stream)
+                    yield from stream
                     return
             yield from rows
             return
@@ -344,6 +347,11 @@ class Snapshot:
         for cur in self._cursors:
             cur.close()
         self._cursors.clear()
+        # A stream left unread holds the connection's lock and keeps its statement running:
+        # closing it cancels the statement, so that the transaction can end.
+        for stream in self._streams:
+            stream.close()
+        self._streams.clear()
 
 
 @contextmanager

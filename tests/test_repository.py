@@ -130,6 +130,22 @@ def test_an_answer_left_half_read_ends_cleanly(repository):
     assert_same(query(repository, T0, end_s, 60, "SUM"), reference(points, T0, end_s, 60, "SUM"))
 
 
+def test_a_snapshot_ends_cleanly_with_an_answer_left_half_read_and_open(repository):
+    points = series(T0, 2 * Snapshot._CHUNK_ROWS + 5, step_s=60)
+    repository.upsert_points(ASSET, points)
+    end_s = T0 + len(points) * 60
+    with repository.snapshot() as snapshot:
+        rows = snapshot.buckets(
+            asset_id=ASSET, start_s=T0, end_s=end_s, grid=BucketGrid(window_s=60), aggregation="MAX"
+        )
+        assert next(rows)[0] == T0
+    del rows
+    for _ in range(3):
+        assert_same(
+            query(repository, T0, end_s, 60, "SUM"), reference(points, T0, end_s, 60, "SUM")
+        )
+
+
 def test_point_at_end_is_excluded_and_point_at_start_included(repository):
     repository.upsert_points(ASSET, [(T0, 1.0), (T0 + 900, 2.0), (T0 + 1800, 4.0)])
     assert query(repository, T0, T0 + 1800, 3600, "SUM") == [(T0, 3.0)]
