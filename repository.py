@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -147,6 +147,7 @@ class Snapshot:
     def __init__(self, conn: psycopg.Connection) -> None:
         self._conn = conn
         self._cursors: list[psycopg.ServerCursor] = []
+        self._streams: list[Generator[Bucket, None, None]] = []
 
     # Each bound is one probe of the primary key (asset_id, time).
     _EXTENT = """
@@ -279,6 +280,8 @@ class Snapshot:
     }
     # The name of the server-side cursor buckets() reads through when given a batch size.
     _STREAM_CURSOR = "edgecom_buckets"
+    # Rows a chunk of an answer read without one holds.
+    _CHUNK_ROWS = 4096
 
     def buckets(
         self,
@@ -315,7 +318,19 @@ class Snapshot:
             # CLOSE: a bounded answer read whole comes back sooner, even against one FETCH of
             # it all (two years of 15-minute buckets: about 81 ms against 86 to 104 ms).
             with self._conn.cursor(binary=True) as cur:
-                rows = cur.execute(query, params).fetchall()
+                most = _most_buckets(grid, start_s, end_s)
+                if min(most, limit if limit is not None else most) <= self._CHUNK_ROWS:
+                    rows = cur.execute(query, params).fetchall()
+                else:
+                    # Taken in chunks as they arrive, the caller works on the first rows
+                    # while the database computes and sends the others: 70,080 rows read
+                    # and encoded as they come took 90 ms (median; best 65), after a
+                    # fetchall() 113 ms (88). An answer of one chunk comes 0.05 ms sooner
+                    # without. COPY TO STDOUT is slower still: a message a row.
+                    stream = cur.stream(query, params, size=self._CHUNK_ROWS)
+                    self._streams.append(stream)
+                    yield from stream
+                    return
             yield from rows
             return
         cur = self._conn.cursor(self._STREAM_CURSOR, binary=True)
@@ -455,6 +470,11 @@ class Snapshot:
         for cur in self._cursors:
             cur.close()
         self._cursors.clear()
+        # A stream left unread holds the connection's lock and keeps its statement running:
+        # closing it cancels the statement, so that the transaction can end.
+        for stream in self._streams:
+            stream.close()
+        self._streams.clear()
 
 
 @contextmanager
@@ -477,6 +497,13 @@ def _unavailable_on_failure(doing: str) -> Iterator[None]:
         if isinstance(exc, psycopg.errors.QueryCanceled):
             raise
         raise DatabaseUnavailable(f"database unreachable while {doing}: {exc}") from exc
+
+
+def _most_buckets(grid: BucketGrid, start_s: int, end_s: int) -> int:
+    """How many buckets of `grid` [start_s, end_s) overlaps at most."""
+    if grid.window_s:
+        return (end_s - start_s) // grid.window_s + 1 + len(grid.edges_s)
+    return len(grid.edges_s)
 
 
 def _to_datetime(seconds: int) -> datetime:

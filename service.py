@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, tzinfo
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from repository import (
     Repository,
     Snapshot,
 )
+from wire import encode_points
 
 # The .proto stays the single source of truth: it is compiled at import time, never checked in.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "proto"))
@@ -432,12 +434,30 @@ def _until_call_ends(items: Iterable[T], context: grpc.ServicerContext) -> Itera
     An answer of millions of buckets is built in Python, where nothing else would notice
     that its client has gone: it would keep a core busy and a shutdown waiting.
     """
-    for n, item in enumerate(items):
-        if n % _CHECK_EVERY == 0:
-            remaining = context.time_remaining()
-            if not context.is_active() or (remaining is not None and remaining <= 0):
-                raise QueryCancelled("the call ended before its answer did")
-        yield item
+    for chunk in _chunks_until_call_ends(items, context):
+        yield from chunk
+
+
+def _chunks_until_call_ends(items: Iterable[T], context: grpc.ServicerContext) -> Iterator[list[T]]:
+    """`items` in lists of up to _CHECK_EVERY, as _until_call_ends() ends them.
+
+    Taken and checked a list at a time, the items pass without Python code run for each.
+    """
+    items = iter(items)
+    while chunk := list(islice(items, _CHECK_EVERY)):
+        remaining = context.time_remaining()
+        if not context.is_active() or (remaining is not None and remaining <= 0):
+            raise QueryCancelled("the call ended before its answer did")
+        yield chunk
+
+
+def _response(encoded: bytes) -> Any:
+    """The TimeSeriesResponse of points encode_points() encoded."""
+    # Parsed from bytes encoded in bulk: for two years of minutes (70,080 points), 13 to 15 ms
+    # to encode and parse, against 38 to 40 ms with one data.add() and three field sets a
+    # point and 150 ms with a message a point; for 96 points 0.03 against 0.04 ms
+    # (benchmarks/answer_build.py). The parsed message serializes to the same bytes.
+    return protos.TimeSeriesResponse.FromString(encoded)
 
 
 class StreamLimiter:
@@ -622,27 +642,26 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
     def QueryTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Any:
         with _status_on_error(context):
             query = parse_query(request, self._assets)
-            response = protos.TimeSeriesResponse()
-            data = response.data
             with (
                 self._snapshot(context) as snapshot,
                 closing(
                     self._series(snapshot, query, limit=self._max_points + 1, context=context)
                 ) as series,
             ):
-                for bucket, value, count in _until_call_ends(series, context):
-                    if len(data) == self._max_points:
+                # Encoded a chunk at a time, as the rows arrive: the database computes and
+                # sends the rest meanwhile.
+                encoded = []
+                points = 0
+                for chunk in _chunks_until_call_ends(series, context):
+                    points += len(chunk)
+                    if points > self._max_points:
                         raise TooManyPoints(
                             f"the answer has more than {self._max_points} points, filled "
                             "buckets included: widen the window or shorten the range, or "
                             "read it with StreamTimeSeries"
                         )
-                    point = data.add()
-                    # Setting seconds directly is ~5x faster than Timestamp.FromDatetime.
-                    point.time.seconds = bucket
-                    point.value = value
-                    point.count = count
-            return response
+                    encoded.append(encode_points(chunk))
+            return _response(b"".join(encoded))
 
     def StreamTimeSeries(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         return self._streams.serve(context, self._stream_pages(request, context))
@@ -656,17 +675,9 @@ class TimeSeriesServicer(services.TimeSeriesServiceServicer):
                 self._snapshot(context) as snapshot,
                 closing(self._series(snapshot, query, limit=None, context=context)) as series,
             ):
-                page = protos.TimeSeriesResponse()
-                for bucket, value, count in _until_call_ends(series, context):
-                    point = page.data.add()
-                    point.time.seconds = bucket
-                    point.value = value
-                    point.count = count
-                    if len(page.data) == self._page_points:
-                        yield page
-                        page = protos.TimeSeriesResponse()
-                if page.data:
-                    yield page
+                points = _until_call_ends(series, context)
+                while page := list(islice(points, self._page_points)):
+                    yield _response(encode_points(page))
 
     def _snapshot(self, context: grpc.ServicerContext) -> AbstractContextManager[Snapshot]:
         """A database snapshot whose statements stop when the call ends or its deadline passes."""

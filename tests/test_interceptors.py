@@ -36,6 +36,7 @@ from interceptors import (
     QueryCache,
     RateLimitInterceptor,
     RequestLogInterceptor,
+    Serialized,
     client_key,
     current_call,
 )
@@ -152,6 +153,8 @@ class _Client:
             request_serializer=protos.TimeSeriesRequest.SerializeToString,
             response_deserializer=protos.TimeSeriesResponse.FromString,
         )
+        # Bytes in, bytes out: the answer as sent.
+        self.raw_query = channel.unary_unary(QUERY)
 
     def query(self, metadata: Sequence[tuple[str, str]] = (), **fields: Any) -> Any:
         response, _ = self.query_with_call(metadata, **fields)
@@ -474,28 +477,29 @@ def test_clear_drops_everything_and_stops_stores_begun_before_it() -> None:
     metrics = Metrics()
     cache = QueryCache(10, metrics=metrics)
     key = CacheKey("a", 0, 60, "60", "AVG")
-    assert cache.put(key, _response(1.0, 0), cache.generation("a"))
+    assert cache.put(key, Serialized.of(_response(1.0, 0)), cache.generation("a"))
     generation = cache.generation("never-seen")
     cache.clear()
     assert cache.get(key) is None
-    assert not cache.put(CacheKey("never-seen", 0, 60, "60", "AVG"), _response(1.0, 0), generation)
+    never_seen = CacheKey("never-seen", 0, 60, "60", "AVG")
+    assert not cache.put(never_seen, Serialized.of(_response(1.0, 0)), generation)
     assert _sample(metrics, "edgecom_cache_entries") == 0
     assert _sample(metrics, "edgecom_cache_bytes") == 0 == cache.held_bytes
-    assert cache.put(key, _response(2.0, 0), cache.generation("a"))
-    assert cache.get(key) == _response(2.0, 0)
+    assert cache.put(key, Serialized.of(_response(2.0, 0)), cache.generation("a"))
+    assert cache.get(key) == Serialized.of(_response(2.0, 0))
 
 
-def _points(count: int, value: float = 1.0) -> Any:
-    """A response of count points, serialized to about 21 bytes a point."""
+def _points(count: int, value: float = 1.0) -> Serialized:
+    """An answer of count points, serialized to about 21 bytes a point."""
     points = [
         protos.TimeSeriesDataPoint(time={"seconds": 1_700_000_000 + 900 * i}, value=value, count=1)
         for i in range(count)
     ]
-    return protos.TimeSeriesResponse(data=points)
+    return Serialized.of(protos.TimeSeriesResponse(data=points))
 
 
-def _entry_bytes(response: Any) -> int:
-    return response.ByteSize() + ENTRY_OVERHEAD_BYTES
+def _entry_bytes(answer: Serialized) -> int:
+    return len(answer.message) + ENTRY_OVERHEAD_BYTES
 
 
 def test_least_recently_used_entries_are_evicted_at_max_bytes() -> None:
@@ -537,13 +541,16 @@ def test_an_answer_over_an_eighth_of_max_bytes_is_not_cached() -> None:
     assert _sample(metrics, "edgecom_cache_bytes") == _entry_bytes(answer)
 
 
-def test_a_hit_returns_a_copy_the_caller_may_change() -> None:
-    cache = QueryCache(10)
-    key = CacheKey("a", 0, 60, "60", "AVG")
-    cache.put(key, _points(3), cache.generation("a"))
-    first = cache.get(key)
-    first.data[0].value = 99.0
-    assert cache.get(key) == _points(3)
+def test_a_hit_is_sent_as_stored_without_parsing_it() -> None:
+    # Bytes that do not parse as a TimeSeriesResponse: a hit that parsed them would fail.
+    stored = Serialized(b"\xff\xff", points=7)
+    cache, chain = _cached()
+    servicer = _Servicer()
+    with _serve(chain, servicer) as client:
+        key = _key_fn(QUERY, _request())
+        assert key is not None and cache.put(key, stored, cache.generation(key.asset_id))
+        raw = client.raw_query(_request().SerializeToString(), timeout=10)
+    assert raw == stored.message and servicer.calls == 0
 
 
 def test_max_bytes_zero_disables_the_cache() -> None:
@@ -719,7 +726,7 @@ def test_one_log_line_per_call_with_the_client_request_id(
     assert first.code == "OK"
     assert 0 <= first.duration_ms < 10_000
     assert (first.cache, first.points) == ("miss", POINTS_PER_RESPONSE)
-    assert (second.request_id, second.cache) == ("req-2", "hit")
+    assert (second.request_id, second.cache, second.points) == ("req-2", "hit", POINTS_PER_RESPONSE)
 
 
 def test_a_request_id_is_generated_when_none_usable_is_sent(

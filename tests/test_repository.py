@@ -26,10 +26,12 @@ from conftest import query_buckets as query
 
 from repository import (
     MIGRATIONS_DIR,
+    BucketGrid,
     Cancellation,
     DatabaseUnavailable,
     QueryCancelled,
     Repository,
+    Snapshot,
 )
 
 MIGRATIONS = sorted(path.name for path in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
@@ -104,6 +106,44 @@ def test_buckets_match_the_reference(repository, window_s, aggregation):
     for start_s, end_s in [(T0 - DAY, T0 + 2 * DAY), (T0, T0 + 3600), (T0 + 60, T0 + 7200 + 1)]:
         expected = reference(points, start_s, end_s, window_s, aggregation)
         assert_same(query(repository, start_s, end_s, window_s, aggregation), expected)
+
+
+def test_an_answer_of_several_chunks_comes_whole(repository):
+    # More buckets than Snapshot.buckets reads in one chunk, without a batch size.
+    points = series(T0, 2 * Snapshot._CHUNK_ROWS + 5, step_s=60)
+    repository.upsert_points(ASSET, points)
+    end_s = T0 + len(points) * 60
+    expected = reference(points, T0, end_s, 60, "SUM")
+    assert_same(query(repository, T0, end_s, 60, "SUM"), expected)
+
+
+def test_an_answer_left_half_read_ends_cleanly(repository):
+    points = series(T0, 2 * Snapshot._CHUNK_ROWS + 5, step_s=60)
+    repository.upsert_points(ASSET, points)
+    end_s = T0 + len(points) * 60
+    with repository.snapshot() as snapshot:
+        rows = snapshot.buckets(
+            asset_id=ASSET, start_s=T0, end_s=end_s, grid=BucketGrid(window_s=60), aggregation="MAX"
+        )
+        assert [next(rows)[0] for _ in range(10)] == [t for t, _ in points[:10]]
+        rows.close()
+    assert_same(query(repository, T0, end_s, 60, "SUM"), reference(points, T0, end_s, 60, "SUM"))
+
+
+def test_a_snapshot_ends_cleanly_with_an_answer_left_half_read_and_open(repository):
+    points = series(T0, 2 * Snapshot._CHUNK_ROWS + 5, step_s=60)
+    repository.upsert_points(ASSET, points)
+    end_s = T0 + len(points) * 60
+    with repository.snapshot() as snapshot:
+        rows = snapshot.buckets(
+            asset_id=ASSET, start_s=T0, end_s=end_s, grid=BucketGrid(window_s=60), aggregation="MAX"
+        )
+        assert next(rows)[0] == T0
+    del rows
+    for _ in range(3):
+        assert_same(
+            query(repository, T0, end_s, 60, "SUM"), reference(points, T0, end_s, 60, "SUM")
+        )
 
 
 def test_point_at_end_is_excluded_and_point_at_start_included(repository):
