@@ -983,12 +983,15 @@ class Repository:
                 cancellation._attach(conn)
                 try:
                     with conn.transaction():
-                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                        # One round trip for both settings: a statement without parameters
+                        # may hold several.
+                        settings = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
                         if timeout_s is not None:
                             timeout_ms = min(
                                 _MAX_STATEMENT_TIMEOUT_MS, max(1, int(timeout_s * 1000))
                             )
-                            conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+                            settings += f"; SET LOCAL statement_timeout = {timeout_ms}"
+                        conn.execute(settings)
                         snapshot = Snapshot(conn)
                         try:
                             yield snapshot
