@@ -37,6 +37,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, ti
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import edgecom
+import service
 from change_listener import ChangeListener
 from config import AuthConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
@@ -1048,3 +1049,21 @@ def test_an_unread_stream_ends_after_the_idle_timeout_and_frees_its_connection(l
         finally:
             call.cancel()
             running.close()
+
+
+def test_the_layouts_of_bucket_edges_kept_for_later_queries_are_few_and_short():
+    berlin = service_module.parse_query(
+        request(0, 1, "1d", timezone="Europe/Berlin"), [ASSET]
+    ).buckets
+    for day in range(100):  # more spans than are kept
+        service_module._laid_out_edges(berlin, YEAR_START + day * DAY, YEAR_START + 400 * DAY, iter)
+    service_module._laid_out_edges(berlin, 0, 20 * 365 * DAY, iter)  # too long to keep
+    assert len(service_module._edge_layouts) == service_module._EDGE_LAYOUTS
+    assert all(
+        len(edges) <= service_module._EDGE_LAYOUT_MAX
+        for edges in service_module._edge_layouts.values()
+    )
+    kept = service_module._laid_out_edges(
+        berlin, YEAR_START + 99 * DAY, YEAR_START + 400 * DAY, iter
+    )
+    assert kept == tuple(berlin.edges(YEAR_START + 99 * DAY, YEAR_START + 400 * DAY))
