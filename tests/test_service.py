@@ -37,7 +37,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, ti
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import edgecom
-import service
+import service as service_module
 from change_listener import ChangeListener
 from config import AuthConfig, Config, RateLimitConfig, UpstreamConfig
 from interceptors import QueryCache
