@@ -1,6 +1,7 @@
 """The speed targets: each figure next to its reference from the same run, as a ratio.
 
     uv run python benchmarks/speed.py [--dsn postgresql://...] [--assets 100] [--quick]
+                                      [--p5-assets 10] [--only-bootstrap]
 
 Runs `edgecom.py` in a subprocess, as users do, on a scratch database (on --dsn,
 $EDGECOM_BENCH_DSN or an embedded PostgreSQL) holding two years of quarter-hours for one
@@ -476,6 +477,7 @@ def main() -> None:
     parser.add_argument("--assets", type=int, help="assets of the larger query dataset")
     parser.add_argument("--p5-assets", type=int, help="assets bootstrapped for P5")
     parser.add_argument("--quick", action="store_true", help="fewer assets, calls and rounds")
+    parser.add_argument("--only-bootstrap", action="store_true", help="measure P5 alone")
     args = parser.parse_args()
     quick = args.quick
     assets = args.assets or (10 if quick else 100)
@@ -488,15 +490,17 @@ def main() -> None:
         threads=16,
     )
     print(f"cores {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at the start", flush=True)
+    rows = []
     with server_dsn(args.dsn) as server:
-        print("1 asset:", flush=True)
-        one = run_queries(server, asset_ids(1), settings)
-        print(f"{assets} assets:", flush=True)
-        many = run_queries(server, asset_ids(assets), settings)
+        if not args.only_bootstrap:
+            print("1 asset:", flush=True)
+            one = run_queries(server, asset_ids(1), settings)
+            print(f"{assets} assets:", flush=True)
+            many = run_queries(server, asset_ids(assets), settings)
+            rows += [*query_rows(one, 1), *query_rows(many, assets)]
+            rows += growth_rows(one, many, assets)
         print(f"P5: bootstrap of {p5_assets} asset(s):", flush=True)
-        ingest = ingest_row(server, asset_ids(p5_assets), timeout_s=600)
-    rows = [*query_rows(one, 1), *query_rows(many, assets), *growth_rows(one, many, assets)]
-    rows.append(ingest)
+        rows.append(ingest_row(server, asset_ids(p5_assets), timeout_s=600))
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     print_table(rows)
 
