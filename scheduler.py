@@ -106,11 +106,13 @@ def plan_batches(
 
     A batch spans at most span_s (but holds at least one chunk), and holds no more than
     its share of the chunks when spread over `workers`, so that every worker has work.
+    The first chunk, the newest, is a batch of its own: the most recent data is stored
+    after one request, however slow the upstream.
     """
     size = max(1, -(-len(chunks) // max(1, workers)))
     batches: list[list[tuple[int, int]]] = []
     for chunk in chunks:
-        batch = batches[-1] if batches else None
+        batch = batches[-1] if len(batches) > 1 else None
         if (
             batch is not None
             and len(batch) < size

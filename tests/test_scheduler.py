@@ -207,24 +207,25 @@ def test_plan_chunks_splits_gaps_newest_first(gaps, chunk_s, expected):
     ("chunks", "span_s", "workers", "expected"),
     [
         ([], 300, 1, []),
-        # Newest first, as planned: runs of adjacent chunks up to the span.
+        # Newest first, as planned: the newest alone, then runs of adjacent chunks up to
+        # the span.
         (
-            [(400, 500), (300, 400), (200, 300), (100, 200), (50, 100)],
+            [(400, 500), (300, 400), (200, 300), (100, 200), (50, 100), (0, 50)],
             300,
             1,
-            [[(400, 500), (300, 400), (200, 300)], [(100, 200), (50, 100)]],
+            [[(400, 500)], [(300, 400), (200, 300), (100, 200)], [(50, 100), (0, 50)]],
         ),
         # A gap ends a batch.
-        ([(300, 400), (100, 200)], 1000, 1, [[(300, 400)], [(100, 200)]]),
+        ([(500, 600), (300, 400), (100, 200)], 1000, 1, [[(500, 600)], [(300, 400)], [(100, 200)]]),
         # Spread over the workers, though a batch could hold them all.
         (
-            [(300, 400), (200, 300), (100, 200), (0, 100)],
+            [(400, 500), (300, 400), (200, 300), (100, 200), (0, 100)],
             1000,
             2,
-            [[(300, 400), (200, 300)], [(100, 200), (0, 100)]],
+            [[(400, 500)], [(300, 400), (200, 300), (100, 200)], [(0, 100)]],
         ),
         # A chunk longer than the span is a batch of its own.
-        ([(200, 400), (0, 200)], 100, 1, [[(200, 400)], [(0, 200)]]),
+        ([(400, 600), (200, 400), (0, 200)], 100, 1, [[(400, 600)], [(200, 400)], [(0, 200)]]),
     ],
 )
 def test_plan_batches_groups_adjacent_chunks(chunks, span_s, workers, expected):
