@@ -31,6 +31,7 @@ PATH_SUFFIX = "/series"
 _DAY_S = 86_400
 _YEAR_DAYS = 365.25
 _SLOTS = _DAY_S // STEP_S
+_NOISE_PER_UNIT = 0.16 / 2**64  # a 64-bit hash to a noise factor in [0.92, 1.08)
 _SHUTDOWN_POLL_S = 0.05
 _JOIN_TIMEOUT_S = 5.0
 _NOT_JSON_BODY = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -254,12 +255,25 @@ class Simulator:
     def _series_body(
         self, asset_id: str, start_s: int, end_s: int, bad_item_rate: float, rng: random.Random
     ) -> bytes:
-        items = [
-            _json(_bad_item(t, value, rng))
-            if bad_item_rate and rng.random() < bad_item_rate
-            else _point_json(t, value)
-            for t, value in self.points(asset_id, start_s, end_s)
-        ]
+        points = self.points(asset_id, start_s, end_s)
+        if bad_item_rate:
+            items = [
+                _json(
+                    _bad_item(t, value, rng)
+                    if rng.random() < bad_item_rate
+                    else {"time": t, "value": value}
+                )
+                for t, value in points
+            ]
+        else:
+            # Formatted inline, as json.dumps of a dict per point or a call per point took
+            # most of an answer's time; a finite float's repr is its JSON text.
+            items = [
+                f'{{"time":{t},"value":{value!r}}}'
+                if math.isfinite(value)
+                else _json({"time": t, "value": value})
+                for t, value in points
+            ]
         return f'{{"result":[{",".join(items)}]}}'.encode()
 
 
@@ -341,21 +355,13 @@ def _day_noise(seed: int, asset_id: str, day: int) -> list[float]:
     """A factor in [0.92, 1.08) for each quarter-hour of one day, fixed by (seed, asset id,
     day): hash-based, so order-free, and one hash a day rather than one a point."""
     digest = hashlib.shake_128(f"{seed}|{asset_id}|day {day}".encode()).digest(8 * _SLOTS)
-    return [1.0 + 0.08 * (2.0 * n / 2**64 - 1.0) for n in struct.unpack(f">{_SLOTS}Q", digest)]
+    return [0.92 + _NOISE_PER_UNIT * n for n in struct.unpack(f">{_SLOTS}Q", digest)]
 
 
 def _unit(seed: int, asset_id: str, key: str) -> float:
     """Uniform number in [0, 1) fixed by (seed, asset id, key); hash-based, so order-free."""
     digest = hashlib.blake2b(f"{seed}|{asset_id}|{key}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big") / 2**64
-
-
-def _point_json(t: int, value: float) -> str:
-    # Formatted by hand: json.dumps of a dict per point took most of an answer's time, and
-    # a finite float's repr is its JSON text.
-    if math.isfinite(value):
-        return f'{{"time":{t},"value":{value!r}}}'
-    return _json({"time": t, "value": value})
 
 
 def _json(item: Any) -> str:
