@@ -326,14 +326,17 @@ class Ingestor:
                     in_flight, timeout=tracker.seconds_to_report(), return_when=FIRST_COMPLETED
                 )
                 for future in done:
-                    outcome = _outcome(future, in_flight.pop(future))
+                    finished = in_flight.pop(future)
+                    outcome = _outcome(future, finished)
                     tracker.chunks_done(outcome.chunks, outcome.points)
                     if outcome.failure is None:
                         failures = 0
                     else:
                         failures = 1 if outcome.chunks else failures + 1
                         error = str(outcome.failure)
-                        _log_chunk_failure(asset_id, outcome.failed, outcome.failure)
+                        _log_chunk_failure(
+                            asset_id, outcome.failed or _span(finished), outcome.failure
+                        )
                     if outcome.untried:
                         # The rest of a batch cut short goes back in line, as a batch of
                         # its own: a failed chunk does not cost the others their turn.
@@ -365,16 +368,19 @@ class Ingestor:
                 break
         fetched = batch[: len(results)]
         untried = batch[len(results) + (failure is not None) :]
-        failed = batch[len(results)] if failure is not None else (0, 0)
+        failed = batch[len(results)] if failure is not None else None
         if not fetched:
             return _Batch(0, 0, untried, failure, failed)
-        span = (min(s for s, _ in fetched), max(e for _, e in fetched))
+        span = _span(fetched)
         # Each result is in ascending time, and the batch's chunks are newest first.
         points = list(itertools.chain.from_iterable(r.points for r in reversed(results)))
         try:
             # One transaction: the points and the coverage of their range land together.
             self._repository.upsert_points(asset_id, points, covered=span)
         except Exception as exc:
+            if failure is not None and failed is not None:
+                # Reported here, as the batch's outcome can carry one failure only.
+                _log_chunk_failure(asset_id, failed, failure)
             where = f"[{_utc(span[0])}, {_utc(span[1])})"
             return _Batch(0, 0, untried, _StoreError(f"storing {asset_id} {where}: {exc}"), span)
         for result in results:
@@ -391,7 +397,7 @@ class _Batch:
     points: int
     untried: list[tuple[int, int]]
     failure: Exception | None
-    failed: tuple[int, int]
+    failed: tuple[int, int] | None
 
 
 def _outcome(future: Future[_Batch], batch: list[tuple[int, int]]) -> _Batch:
@@ -399,7 +405,12 @@ def _outcome(future: Future[_Batch], batch: list[tuple[int, int]]) -> _Batch:
         return future.result()
     except Exception as exc:
         # A defect rather than a failed fetch or write: the whole batch counts as failed.
-        return _Batch(0, 0, [], exc, (batch[-1][0], batch[0][1]))
+        return _Batch(0, 0, [], exc, _span(batch))
+
+
+def _span(chunks: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The range from the oldest chunk's start to the newest one's end."""
+    return min(start for start, _ in chunks), max(end for _, end in chunks)
 
 
 class _StoreError(Exception):
