@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import operator
 import random
 import ssl
 import threading
@@ -379,6 +381,9 @@ class ApiClient:
         """Keep plausible points asked for (last one per time wins), count the others."""
         first, end = int(call.start.timestamp()), int(call.end.timestamp())
         now = math.floor(self._clock())
+        plain = _plain_points(items, first, min(end, now + 1))
+        if plain is not None:
+            return FetchResult(points=plain, skipped=0)
         by_time: dict[int, float] = {}
         refused: dict[str, int] = {}
         example: object = None
@@ -403,6 +408,41 @@ class ApiClient:
             )
             logger.debug("asset=%s first skipped item: %.200r", call.asset_id, example)
         return FetchResult(points=sorted(by_time.items()), skipped=skipped)
+
+
+def _plain_points(items: list[object], first: int, stop: int) -> list[tuple[int, float]] | None:
+    """The points of items if each is a valid point in [first, stop) and their times ascend;
+    None if any is not, to be sorted out item by item.
+
+    What _check_point does per item, done per list by built-ins: the answers of a
+    well-behaved upstream take this way, at a fraction of the cost.
+    """
+    try:
+        times = [item["time"] for item in items]  # type: ignore[index]
+        values = [item["value"] for item in items]  # type: ignore[index]
+    except (TypeError, KeyError):
+        return None
+    # Exact types: bool is an int subclass, but true/false is never a time or a reading.
+    if not times or not set(map(type, times)) <= {int}:
+        return None
+    kinds = set(map(type, values))
+    if not kinds <= {float, int}:
+        return None
+    if int in kinds:
+        try:
+            values = [float(value) for value in values]
+        except OverflowError:
+            return None
+    if not (first <= times[0] and times[-1] < stop and _ascending(times)):
+        return None
+    # A sum that is not finite means a NaN or infinity among them (or a sum too large).
+    if not math.isfinite(sum(values)) or max(map(abs, values)) > MAX_ABS_VALUE:
+        return None
+    return list(zip(times, values, strict=True))
+
+
+def _ascending(times: list[int]) -> bool:
+    return all(map(operator.lt, times, itertools.islice(times, 1, None)))
 
 
 def _check_point(item: object, first: int, end: int, now: int) -> tuple[int, float] | str:

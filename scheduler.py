@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,11 +15,17 @@ from typing import Any, Protocol
 
 import schedule
 
-from api_client import UpstreamError, UpstreamUnavailable
+from api_client import FetchResult, UpstreamError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
 STEP_S = 900  # the upstream's resolution: one point every 15 minutes
+# The most of a series stored in one transaction: adjacent chunks are fetched one after
+# another and stored together. A transaction has a fixed cost of a few milliseconds (its
+# temporary table, the coverage, the commit), as much as 500 points take to write; at
+# 8,700 points per transaction it is a few per cent, and a batch still lands within
+# seconds unless the upstream is slow.
+STORE_SPAN_S = 91 * 86_400
 # A run for one asset gives up after this many chunks in a row fail: the upstream is
 # probably down, and the next run tries again from where this one stopped.
 MAX_CONSECUTIVE_FAILURES = 3
@@ -90,6 +97,36 @@ def plan_chunks(gaps: Sequence[tuple[int, int]], *, chunk_s: int) -> list[tuple[
             chunks.append((lower, upper))
             upper = lower
     return sorted(chunks, key=lambda chunk: chunk[1], reverse=True)
+
+
+def plan_batches(
+    chunks: Sequence[tuple[int, int]], *, span_s: int, workers: int
+) -> list[list[tuple[int, int]]]:
+    """Group chunks, in their order, into runs of adjacent ones stored together.
+
+    A batch spans at most span_s (but holds at least one chunk), and holds no more than
+    its share of the chunks when spread over `workers`, so that every worker has work.
+    The first chunk, the newest, is a batch of its own: the most recent data is stored
+    after one request, however slow the upstream.
+    """
+    size = max(1, -(-len(chunks) // max(1, workers)))
+    batches: list[list[tuple[int, int]]] = []
+    for chunk in chunks:
+        batch = batches[-1] if len(batches) > 1 else None
+        if (
+            batch is not None
+            and len(batch) < size
+            and _adjacent(batch[-1], chunk)
+            and max(batch[0][1], chunk[1]) - min(batch[0][0], chunk[0]) <= span_s
+        ):
+            batch.append(chunk)
+        else:
+            batches.append([chunk])
+    return batches
+
+
+def _adjacent(one: tuple[int, int], other: tuple[int, int]) -> bool:
+    return one[0] == other[1] or one[1] == other[0]
 
 
 class Ingestor:
@@ -259,15 +296,17 @@ class Ingestor:
     def _fetch_all(
         self, asset_id: str, chunks: list[tuple[int, int]], stop: threading.Event, concurrency: int
     ) -> tuple[str | None, int]:
-        """Fetch and store chunks with bounded concurrency.
+        """Fetch and store chunks with bounded concurrency, adjacent ones in batches.
 
         Returns the last error (None if every chunk attempted was stored) and how many
         chunks were not attempted, because of `stop` or because too many failed in a row.
         """
         tracker = _ProgressTracker(asset_id, len(chunks), self._observer, self._progress_interval_s)
-        pending = iter(chunks)
+        pending: Iterator[list[tuple[int, int]]] = iter(
+            plan_batches(chunks, span_s=STORE_SPAN_S, workers=concurrency)
+        )
         left = len(chunks)
-        in_flight: dict[Future[int], tuple[int, int]] = {}
+        in_flight: dict[Future[_Batch], list[tuple[int, int]]] = {}
         error: str | None = None
         failures = 0
         with ThreadPoolExecutor(concurrency, thread_name_prefix=f"fetch-{asset_id[:8]}") as pool:
@@ -276,25 +315,33 @@ class Ingestor:
                     len(in_flight) < concurrency
                     and failures < MAX_CONSECUTIVE_FAILURES
                     and not stop.is_set()
-                    and (chunk := next(pending, None)) is not None
+                    and (batch := next(pending, None)) is not None
                 ):
-                    in_flight[pool.submit(self._fetch_chunk, asset_id, *chunk)] = chunk
-                    left -= 1
+                    in_flight[pool.submit(self._fetch_batch, asset_id, batch, stop)] = batch
+                    left -= len(batch)
                 if not in_flight:
                     break
-                # Woken on time as well, so a slow chunk does not hold back progress reports.
+                # Woken on time as well, so a slow batch does not hold back progress reports.
                 done, _ = wait(
                     in_flight, timeout=tracker.seconds_to_report(), return_when=FIRST_COMPLETED
                 )
                 for future in done:
-                    chunk = in_flight.pop(future)
-                    try:
-                        tracker.chunk_done(future.result())
+                    finished = in_flight.pop(future)
+                    outcome = _outcome(future, finished)
+                    tracker.chunks_done(outcome.chunks, outcome.points)
+                    if outcome.failure is None:
                         failures = 0
-                    except Exception as exc:
-                        failures += 1
-                        error = str(exc)
-                        _log_chunk_failure(asset_id, chunk, exc)
+                    else:
+                        failures = 1 if outcome.chunks else failures + 1
+                        error = str(outcome.failure)
+                        _log_chunk_failure(
+                            asset_id, outcome.failed or _span(finished), outcome.failure
+                        )
+                    if outcome.untried:
+                        # The rest of a batch cut short goes back in line, as a batch of
+                        # its own: a failed chunk does not cost the others their turn.
+                        pending = itertools.chain([outcome.untried], pending)
+                        left += len(outcome.untried)
                 tracker.report_if_due()
         tracker.finish()
         if failures >= MAX_CONSECUTIVE_FAILURES and left:
@@ -304,15 +351,66 @@ class Ingestor:
             )
         return error, left
 
-    def _fetch_chunk(self, asset_id: str, start: int, end: int) -> int:
-        result = self._client.fetch(asset_id, _utc(start), _utc(end))
+    def _fetch_batch(
+        self, asset_id: str, batch: list[tuple[int, int]], stop: threading.Event
+    ) -> _Batch:
+        """Fetch adjacent chunks one after another until one fails or `stop` is set, then
+        store those fetched in one transaction."""
+        results: list[FetchResult] = []
+        failure: Exception | None = None
+        for start, end in batch:
+            if results and stop.is_set():
+                break
+            try:
+                results.append(self._client.fetch(asset_id, _utc(start), _utc(end)))
+            except Exception as exc:
+                failure = exc
+                break
+        fetched = batch[: len(results)]
+        untried = batch[len(results) + (failure is not None) :]
+        failed = batch[len(results)] if failure is not None else None
+        if not fetched:
+            return _Batch(0, 0, untried, failure, failed)
+        span = _span(fetched)
+        # Each result is in ascending time, and the batch's chunks are newest first.
+        points = list(itertools.chain.from_iterable(r.points for r in reversed(results)))
         try:
             # One transaction: the points and the coverage of their range land together.
-            self._repository.upsert_points(asset_id, result.points, covered=(start, end))
+            self._repository.upsert_points(asset_id, points, covered=span)
         except Exception as exc:
-            raise _StoreError(f"storing {asset_id} [{_utc(start)}, {_utc(end)}): {exc}") from exc
-        _notify(self._observer.chunk_stored, asset_id, len(result.points), result.skipped)
-        return len(result.points)
+            if failure is not None and failed is not None:
+                # Reported here, as the batch's outcome can carry one failure only.
+                _log_chunk_failure(asset_id, failed, failure)
+            where = f"[{_utc(span[0])}, {_utc(span[1])})"
+            return _Batch(0, 0, untried, _StoreError(f"storing {asset_id} {where}: {exc}"), span)
+        for result in results:
+            _notify(self._observer.chunk_stored, asset_id, len(result.points), result.skipped)
+        return _Batch(len(fetched), len(points), untried, failure, failed)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What became of a batch: chunks and points stored, chunks not tried, and the failure
+    that cut it short, with the range that failed."""
+
+    chunks: int
+    points: int
+    untried: list[tuple[int, int]]
+    failure: Exception | None
+    failed: tuple[int, int] | None
+
+
+def _outcome(future: Future[_Batch], batch: list[tuple[int, int]]) -> _Batch:
+    try:
+        return future.result()
+    except Exception as exc:
+        # A defect rather than a failed fetch or write: the whole batch counts as failed.
+        return _Batch(0, 0, [], exc, _span(batch))
+
+
+def _span(chunks: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The range from the oldest chunk's start to the newest one's end."""
+    return min(start for start, _ in chunks), max(end for _, end in chunks)
 
 
 class _StoreError(Exception):
@@ -371,8 +469,8 @@ class _ProgressTracker:
         self._done = 0
         self._points = 0
 
-    def chunk_done(self, points: int) -> None:
-        self._done += 1
+    def chunks_done(self, chunks: int, points: int) -> None:
+        self._done += chunks
         self._points += points
 
     def seconds_to_report(self) -> float:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
 import math
 import random
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +30,8 @@ PATH_PREFIX = "/core/asset/"
 PATH_SUFFIX = "/series"
 _DAY_S = 86_400
 _YEAR_DAYS = 365.25
+_SLOTS = _DAY_S // STEP_S
+_NOISE_PER_UNIT = 0.16 / 2**64  # a 64-bit hash to a noise factor in [0.92, 1.08)
 _SHUTDOWN_POLL_S = 0.05
 _JOIN_TIMEOUT_S = 5.0
 _NOT_JSON_BODY = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -166,11 +170,12 @@ class Simulator:
         first = -(-start_s // STEP_S) * STEP_S
         stop = min(end_s, math.floor(self._now()) + 1)
         with self._lock:
-            revisions = dict(self._revisions)
-        return [
-            (t, revisions.get((asset_id, t), self._profile(asset_id, t)))
-            for t in range(first, stop, STEP_S)
-        ]
+            revised = {t: v for (a, t), v in self._revisions.items() if a == asset_id}
+        times = range(first, stop, STEP_S)
+        values = _profile(self._seed, asset_id, first, stop)
+        if not revised:
+            return list(zip(times, values, strict=True))
+        return [(t, revised.get(t, v)) for t, v in zip(times, values, strict=True)]
 
     def revise(self, asset_id: str, time_s: int, value: float) -> None:
         """Change one stored value, as upstream does for late corrections."""
@@ -178,28 +183,6 @@ class Simulator:
             raise ValueError(f"revision time {time_s} is not a multiple of {STEP_S} s")
         with self._lock:
             self._revisions[(asset_id, time_s)] = value
-
-    def _profile(self, asset_id: str, t: int) -> float:
-        """Load in kW: asset base x daily x seasonal x weekly shape x noise, 3 decimals."""
-        base = 150.0 + 650.0 * self._unit(asset_id, "base")
-        shift_h = 2.0 * self._unit(asset_id, "shift") - 1.0
-        hour = (t % _DAY_S) / 3600.0 - shift_h
-        daily = (
-            0.45
-            + 0.35 * math.exp(-(((hour - 9.0) / 2.5) ** 2))
-            + 0.50 * math.exp(-(((hour - 18.5) / 2.0) ** 2))
-        )
-        day_of_year = (t / _DAY_S) % _YEAR_DAYS
-        seasonal = 1.0 + 0.25 * math.cos(2.0 * math.pi * (day_of_year - 15.0) / _YEAR_DAYS)
-        weekday = (t // _DAY_S + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
-        weekly = 0.8 if weekday >= 5 else 1.0
-        noise = 1.0 + 0.08 * (2.0 * self._unit(asset_id, str(t)) - 1.0)
-        return round(base * daily * seasonal * weekly * noise, 3)
-
-    def _unit(self, asset_id: str, key: str) -> float:
-        """Uniform number in [0, 1) fixed by (seed, asset id, key); hash-based, so order-free."""
-        digest = hashlib.blake2b(f"{self._seed}|{asset_id}|{key}".encode(), digest_size=8)
-        return int.from_bytes(digest.digest(), "big") / 2**64
 
     # -- request log ---------------------------------------------------------------------
 
@@ -272,13 +255,26 @@ class Simulator:
     def _series_body(
         self, asset_id: str, start_s: int, end_s: int, bad_item_rate: float, rng: random.Random
     ) -> bytes:
-        items: list[Any] = [
-            _bad_item(t, value, rng)
-            if rng.random() < bad_item_rate
-            else {"time": t, "value": value}
-            for t, value in self.points(asset_id, start_s, end_s)
-        ]
-        return json.dumps({"result": items}, separators=(",", ":")).encode()
+        points = self.points(asset_id, start_s, end_s)
+        if bad_item_rate:
+            items = [
+                _json(
+                    _bad_item(t, value, rng)
+                    if rng.random() < bad_item_rate
+                    else {"time": t, "value": value}
+                )
+                for t, value in points
+            ]
+        else:
+            # Formatted inline, as json.dumps of a dict per point or a call per point took
+            # most of an answer's time; a finite float's repr is its JSON text.
+            items = [
+                f'{{"time":{t},"value":{value!r}}}'
+                if math.isfinite(value)
+                else _json({"time": t, "value": value})
+                for t, value in points
+            ]
+        return f'{{"result":[{",".join(items)}]}}'.encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -314,6 +310,62 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
+
+
+def _profile(seed: int, asset_id: str, first: int, stop: int) -> list[float]:
+    """Load in kW at each quarter-hour in [first, stop), first on one: asset base x daily x
+    seasonal x weekly shape x noise, 3 decimals."""
+    base, daily = _asset_shape(seed, asset_id)
+    values: list[float] = []
+    for day in range(first // _DAY_S, -(-stop // _DAY_S)):
+        start = day * _DAY_S
+        lower = max(0, first - start) // STEP_S
+        upper = -(-min(_DAY_S, stop - start) // STEP_S)
+        # Seasonal and weekly factors change by the day, so one value serves a whole day.
+        day_of_year = (day + 0.5) % _YEAR_DAYS
+        seasonal = 1.0 + 0.25 * math.cos(2.0 * math.pi * (day_of_year - 15.0) / _YEAR_DAYS)
+        weekday = (day + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
+        level = base * seasonal * (0.8 if weekday >= 5 else 1.0)
+        noise = _day_noise(seed, asset_id, day)
+        # round(x * 1000) / 1000 is the value round(x, 3) gives, at half its cost.
+        values += [
+            round(level * shape * factor * 1000.0) / 1000.0
+            for shape, factor in zip(daily[lower:upper], noise[lower:upper], strict=True)
+        ]
+    return values
+
+
+@functools.lru_cache(maxsize=1024)
+def _asset_shape(seed: int, asset_id: str) -> tuple[float, tuple[float, ...]]:
+    """An asset's base load in kW and its daily factor at each quarter-hour of a day."""
+    base = 150.0 + 650.0 * _unit(seed, asset_id, "base")
+    shift_h = 2.0 * _unit(seed, asset_id, "shift") - 1.0
+    daily = []
+    for slot in range(_SLOTS):
+        hour = slot * STEP_S / 3600.0 - shift_h
+        daily.append(
+            0.45
+            + 0.35 * math.exp(-(((hour - 9.0) / 2.5) ** 2))
+            + 0.50 * math.exp(-(((hour - 18.5) / 2.0) ** 2))
+        )
+    return base, tuple(daily)
+
+
+def _day_noise(seed: int, asset_id: str, day: int) -> list[float]:
+    """A factor in [0.92, 1.08) for each quarter-hour of one day, fixed by (seed, asset id,
+    day): hash-based, so order-free, and one hash a day rather than one a point."""
+    digest = hashlib.shake_128(f"{seed}|{asset_id}|day {day}".encode()).digest(8 * _SLOTS)
+    return [0.92 + _NOISE_PER_UNIT * n for n in struct.unpack(f">{_SLOTS}Q", digest)]
+
+
+def _unit(seed: int, asset_id: str, key: str) -> float:
+    """Uniform number in [0, 1) fixed by (seed, asset id, key); hash-based, so order-free."""
+    digest = hashlib.blake2b(f"{seed}|{asset_id}|{key}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") / 2**64
+
+
+def _json(item: Any) -> str:
+    return json.dumps(item, separators=(",", ":"))
 
 
 def _asset_from_path(path: str) -> str | None:

@@ -4,6 +4,7 @@ import contextlib
 import gzip
 import json
 import logging
+import string
 import threading
 import time
 import tracemalloc
@@ -34,6 +35,8 @@ from simulator import Faults, Simulator
 NOW = datetime(2024, 1, 10, 12, 7, 30, tzinfo=UTC)
 ASSET = "3662953a-1396-4996-a1b6-99a0c5e7a5de"
 DAY = (datetime(2023, 9, 13, tzinfo=UTC), datetime(2023, 9, 14, tzinfo=UTC))
+# Valid points at these offsets from the start of DAY, for answers that add one odd item.
+PLAIN = [(0, 1.5), (900, 2.5), (2700, 3.5)]
 FAST = {"backoff_initial_s": 0.001, "backoff_max_s": 0.01, "timeout_s": 5.0}
 
 
@@ -431,6 +434,79 @@ def test_item_rules(scripted: Callable, make_client: Callable) -> None:
     assert result.points == [(900, 2.0), (1800, 4.25), (99999900, -1.0)]
     assert all(type(value) is float for _, value in result.points)
     assert result.skipped == 14
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        '{"time": $t, "value": 1e999}',
+        '{"time": $t, "value": NaN}',
+        '{"time": $t, "value": -Infinity}',
+        '{"time": $t, "value": 1$zeros}',
+        '{"time": $t, "value": 1.01e15}',
+        '{"time": $t, "value": true}',
+        '{"time": true, "value": 1.0}',
+        '{"time": $t.0, "value": 1.0}',
+        '{"time": $before, "value": 1.0}',
+        '{"time": $end, "value": 1.0}',
+        '{"time": $later, "value": 1.0}',
+        # In time order, where only the bounds tell them.
+        '^{"time": $before, "value": 1.0}',
+        '{"time": $end, "value": 1.0}$',
+        '{"time": $later, "value": 1.0}$',
+        '{"time": $t}',
+        "[$t, 1.0]",
+    ],
+)
+def test_one_bad_item_among_plain_ones_is_skipped_alone(
+    scripted: Callable, make_client: Callable, odd: str
+) -> None:
+    # Plain answers are checked a whole list at a time; one bad item must make no difference.
+    result = _fetch_with(scripted, make_client, odd)
+    assert result == FetchResult(points=_plain_points(), skipped=1)
+
+
+@pytest.mark.parametrize(
+    ("odd", "point"),
+    [
+        ('{"time": $t, "value": 7}', (1800, 7.0)),
+        ('{"time": $t, "value": 4.5, "unit": "kW"}', (1800, 4.5)),
+        ('{"time": $again, "value": 9.5}', (900, 9.5)),  # the last one wins
+    ],
+)
+def test_one_odd_but_good_item_among_plain_ones_is_kept(
+    scripted: Callable, make_client: Callable, odd: str, point: tuple[int, float]
+) -> None:
+    result = _fetch_with(scripted, make_client, odd)
+    start = int(DAY[0].timestamp())
+    expected = dict(_plain_points()) | {start + point[0]: point[1]}
+    assert result == FetchResult(points=sorted(expected.items()), skipped=0)
+    assert all(type(value) is float for _, value in result.points)
+
+
+def _plain_points() -> list[tuple[int, float]]:
+    start = int(DAY[0].timestamp())
+    return [(start + offset, value) for offset, value in PLAIN]
+
+
+def _fetch_with(scripted: Callable, make_client: Callable, odd: str) -> FetchResult:
+    """Fetch DAY at HALF_DAY from an answer of the PLAIN points with `odd` among them, first
+    if it starts with ^, last if it ends with $, else between the second and the third; odd
+    is JSON with $t standing for start + 1800 (and $again, $before, $end, $later, $zeros)."""
+    start, end, now = (int(moment.timestamp()) for moment in (*DAY, HALF_DAY))
+    at = 0 if odd.startswith("^") else len(PLAIN) if odd.endswith("$") else 2
+    odd = string.Template(odd.removeprefix("^").removesuffix("$")).substitute(
+        t=start + 1800,
+        again=start + 900,
+        zeros="0" * 400,
+        before=start - 900,
+        end=end,
+        later=now + 900,
+    )
+    plain = [f'{{"time": {t}, "value": {value}}}' for t, value in _plain_points()]
+    body = f'{{"result": [{", ".join([*plain[:at], odd, *plain[at:]])}]}}'
+    url_template, _ = scripted((200, body.encode()))
+    return make_client(url_template, clock=HALF_DAY.timestamp).fetch(ASSET, *DAY)
 
 
 def test_hook_failure_does_not_break_fetch(sim: Simulator, make_client: Callable) -> None:

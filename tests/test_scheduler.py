@@ -27,6 +27,7 @@ from scheduler import (
     Ingestor,
     Progress,
     Scheduler,
+    plan_batches,
     plan_chunks,
 )
 from simulator import Faults, Simulator
@@ -200,6 +201,64 @@ def test_plan_chunks_splits_gaps_newest_first(gaps, chunk_s, expected):
             position = end
         assert position == gap_end
     assert tiles == []
+
+
+@pytest.mark.parametrize(
+    ("chunks", "span_s", "workers", "expected"),
+    [
+        ([], 300, 1, []),
+        # Newest first, as planned: the newest alone, then runs of adjacent chunks up to
+        # the span.
+        (
+            [(400, 500), (300, 400), (200, 300), (100, 200), (50, 100), (0, 50)],
+            300,
+            1,
+            [[(400, 500)], [(300, 400), (200, 300), (100, 200)], [(50, 100), (0, 50)]],
+        ),
+        # A gap ends a batch.
+        ([(500, 600), (300, 400), (100, 200)], 1000, 1, [[(500, 600)], [(300, 400)], [(100, 200)]]),
+        # Spread over the workers, though a batch could hold them all.
+        (
+            [(400, 500), (300, 400), (200, 300), (100, 200), (0, 100)],
+            1000,
+            2,
+            [[(400, 500)], [(300, 400), (200, 300), (100, 200)], [(0, 100)]],
+        ),
+        # A chunk longer than the span is a batch of its own.
+        ([(400, 600), (200, 400), (0, 200)], 100, 1, [[(400, 600)], [(200, 400)], [(0, 200)]]),
+    ],
+)
+def test_plan_batches_groups_adjacent_chunks(chunks, span_s, workers, expected):
+    assert plan_batches(chunks, span_s=span_s, workers=workers) == expected
+
+
+def test_a_failed_chunk_leaves_the_rest_of_its_batch_to_be_stored(
+    make_ingestor, make_client, sim, dsn
+):
+    answered = itertools.count(1)
+
+    def fail_the_third(asset_id: str, outcome: str, duration_s: float) -> None:
+        # Only the third request meets the outage, and it is not retried.
+        sim.faults.outage = next(answered) == 2
+
+    ingestor = make_ingestor(
+        client=make_client(on_request=fail_the_third, max_attempts=1),
+        assets=(ASSET,),
+        bootstrap_s=10 * DAY,
+        concurrency=1,
+    )
+    start, end = ingestor.window()
+    ingestor.run_once()
+    ranges = fetched(sim, ASSET)
+    assert len(sim.requests) == 11 and len(ranges) == 10
+    assert sim.requests[2].status == 503
+    # Newest first: the third chunk lies between the second and the third fetched.
+    hole = (ranges[2][1], ranges[1][0])
+    assert hole[1] - hole[0] == DAY
+    assert covered(dsn, ASSET) == [(start, hole[0]), (hole[1], end)]
+    assert stored(dsn, ASSET) == [
+        point for point in sim.points(ASSET, start, end) if not hole[0] <= point[0] < hole[1]
+    ]
 
 
 def test_chunks_are_requested_newest_first(make_ingestor, sim):
@@ -940,28 +999,30 @@ def test_progress_arithmetic():
     assert starting.describe().endswith("ETA ?")
 
 
-class _StopAfter(Recorder):
-    """Sets the stop event once `count` chunks are stored, as a shutdown would."""
-
-    def __init__(self, stop: threading.Event, count: int) -> None:
-        super().__init__()
-        self._stop = stop
-        self._count = count
-
-    def chunk_stored(self, asset_id: str, points: int, skipped: int) -> None:
-        super().chunk_stored(asset_id, points, skipped)
-        if len(self.chunks) >= self._count:
-            self._stop.set()
-
-
-def test_stop_between_chunks_leaves_every_stored_chunk_whole(make_ingestor, sim, repository, dsn):
+def test_stop_between_chunks_leaves_every_stored_chunk_whole(
+    make_ingestor, make_client, sim, repository, dsn
+):
     stop = threading.Event()
-    recorder = _StopAfter(stop, count=5)
-    ingestor = make_ingestor(bootstrap_s=60 * DAY, chunk_s=DAY, concurrency=3, observer=recorder)
+    answered = itertools.count(1)
+
+    def stop_after_five(asset_id: str, outcome: str, duration_s: float) -> None:
+        # As a shutdown would, while the run is fetching.
+        if next(answered) >= 5:
+            stop.set()
+
+    recorder = Recorder()
+    ingestor = make_ingestor(
+        client=make_client(on_request=stop_after_five),
+        bootstrap_s=60 * DAY,
+        chunk_s=DAY,
+        concurrency=3,
+        observer=recorder,
+    )
     start, end = ingestor.window()
     ingestor.run_once(stop)
-    # Stopped soon: the chunks in flight when the event was set finished, none started after.
-    assert 5 <= len(recorder.chunks) <= 5 + 3
+    # Stopped soon: the requests in flight when the event was set finished, none started
+    # after, and every chunk fetched was stored.
+    assert 5 <= len(sim.requests) <= 5 + 3
     assert len(sim.requests) == len(recorder.chunks)
     for asset_id in (ASSET, OTHER_ASSET):
         ranges = covered(dsn, asset_id)
