@@ -138,6 +138,31 @@ class Cancellation:
             self._conn = None
 
 
+# The part of Snapshot._ROLLUP_QUERY that reads one rollup table, between a UNION ALL and the next.
+_ROLLUP_BRANCH = """
+    UNION ALL
+    SELECT r.start, r.count, r.min, r.max, r.sum,
+           r.first_time, r.first_value, r.last_time, r.last_value
+    FROM unnest(%({name}_lo)b::timestamptz[], %({name}_hi)b::timestamptz[]) AS s (lo, hi)
+    CROSS JOIN LATERAL (
+        SELECT * FROM {table}
+        WHERE asset_id = %(asset_id)s{zone} AND start >= s.lo AND start < s.hi
+          AND start >= (SELECT date_bin('{unit}', time, TIMESTAMPTZ 'epoch') FROM oldest)
+    ) AS r"""
+
+# Each rollup table: its ranges' parameter name, a condition of its own, and the unit the
+# oldest stored point is rounded down to.
+_ROLLUP_TABLES = (
+    ("hours", "points_hourly", "", "3600 seconds"),
+    ("days", "points_daily", "", "86400 seconds"),
+    ("local_days", "points_local_daily", " AND timezone = %(timezone)s", "86400 seconds"),
+)
+_ROLLUP_BRANCHES = "".join(
+    _ROLLUP_BRANCH.format(name=name, table=table, zone=zone, unit=unit)
+    for name, table, zone, unit in _ROLLUP_TABLES
+)
+
+
 class Snapshot:
     """One consistent, read-only view of the points, on a connection held while it lasts.
 
@@ -208,38 +233,7 @@ class Snapshot:
             SELECT time, value FROM points
             WHERE asset_id = %(asset_id)s AND time >= s.lo AND time < s.hi
         ) AS p
-        UNION ALL
-        SELECT r.start, r.count, r.min, r.max, r.sum,
-               r.first_time, r.first_value, r.last_time, r.last_value
-        FROM unnest(%(hours_lo)b::timestamptz[], %(hours_hi)b::timestamptz[]) AS s (lo, hi)
-        CROSS JOIN LATERAL (
-            SELECT * FROM points_hourly
-            WHERE asset_id = %(asset_id)s AND start >= s.lo AND start < s.hi
-              AND start >= (SELECT date_bin('3600 seconds', time, TIMESTAMPTZ 'epoch')
-                            FROM oldest)
-        ) AS r
-        UNION ALL
-        SELECT r.start, r.count, r.min, r.max, r.sum,
-               r.first_time, r.first_value, r.last_time, r.last_value
-        FROM unnest(%(days_lo)b::timestamptz[], %(days_hi)b::timestamptz[]) AS s (lo, hi)
-        CROSS JOIN LATERAL (
-            SELECT * FROM points_daily
-            WHERE asset_id = %(asset_id)s AND start >= s.lo AND start < s.hi
-              AND start >= (SELECT date_bin('86400 seconds', time, TIMESTAMPTZ 'epoch')
-                            FROM oldest)
-        ) AS r
-        UNION ALL
-        SELECT r.start, r.count, r.min, r.max, r.sum,
-               r.first_time, r.first_value, r.last_time, r.last_value
-        FROM unnest(%(local_days_lo)b::timestamptz[], %(local_days_hi)b::timestamptz[])
-            AS s (lo, hi)
-        CROSS JOIN LATERAL (
-            SELECT * FROM points_local_daily
-            WHERE asset_id = %(asset_id)s AND timezone = %(timezone)s
-              AND start >= s.lo AND start < s.hi
-              AND start >= (SELECT date_bin('86400 seconds', time, TIMESTAMPTZ 'epoch')
-                            FROM oldest)
-        ) AS r
+{rollups}
     )
     SELECT extract(epoch FROM {bucket})::bigint AS bucket,
            {aggregate} AS value,
@@ -248,7 +242,7 @@ class Snapshot:
     GROUP BY bucket
     ORDER BY bucket
     LIMIT %(limit)s
-    """
+    """.replace("{rollups}", _ROLLUP_BRANCHES)
     # The bucket start of a point, for each kind of BucketGrid. width_bucket() finds the edge
     # at or before the point by binary search in the array of edges. Arrays are sent in
     # binary (%b): 731 edges as text took 6.9 ms to format, in binary 0.7 ms.
