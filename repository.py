@@ -206,8 +206,10 @@ class Snapshot:
             None if after_s is None else (after_s, after),
         )
 
-    # The statement buckets() runs on the points alone, completed by _bucket_query().
-    _BUCKET_QUERY = """
+    # The statement buckets() runs on the points alone, completed by _bucket_query(). Both
+    # bucket statements begin with a comment that names them in pg_stat_activity, whose
+    # text stops at track_activity_query_size (1 kB by default).
+    _BUCKET_QUERY = """/* edgecom buckets */
     SELECT extract(epoch FROM {bucket})::bigint AS bucket,
            {aggregate} AS value,
            count(*) AS count
@@ -221,8 +223,11 @@ class Snapshot:
     # points or one of the rollups, as rows of partial aggregates that lie wholly in one
     # bucket, and the rows of a bucket are combined. Rollups are read only from the oldest
     # stored point's UTC hour or day on: a retention policy drops old points by whole chunks
-    # (whole UTC days) without touching the rollups.
-    _ROLLUP_QUERY = """
+    # (whole UTC days) without touching the rollups. OFFSET 0 keeps each range an index
+    # range scan: joined instead, a generic plan (psycopg prepares a statement after five
+    # runs) read every point of the asset against every range, 650 ms for a year of
+    # Asia/Kolkata days that takes 10.
+    _ROLLUP_QUERY = """/* edgecom buckets */
     WITH oldest AS (
         SELECT min(time) AS time FROM points WHERE asset_id = %(asset_id)s
     ), parts AS (
@@ -233,9 +238,6 @@ class Snapshot:
         CROSS JOIN LATERAL (
             SELECT time, value FROM points
             WHERE asset_id = %(asset_id)s AND time >= s.lo AND time < s.hi
-            -- Keeps each range an index range scan: joined instead, a generic plan (a
-            -- statement prepared after five runs) read every point of the asset against
-            -- every range, 650 ms for a year of Asia/Kolkata days that takes 10.
             OFFSET 0
         ) AS p
 {rollups}

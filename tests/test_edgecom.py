@@ -175,7 +175,7 @@ def test_health_stays_serving_while_every_pool_connection_is_busy(dsn):
                 def waiting_queries() -> int:
                     return watcher.execute(
                         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                        " AND wait_event_type = 'Lock' AND query LIKE '%%date_bin%%'"
+                        " AND wait_event_type = 'Lock' AND query LIKE '/* edgecom buckets */%%'"
                     ).fetchone()[0]
 
                 assert wait_for(lambda: waiting_queries() == 2)

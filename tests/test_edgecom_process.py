@@ -76,7 +76,7 @@ def bucket_queries_waiting_for_a_lock(dsn: str) -> int:
         return conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
-            " AND query LIKE '%%date_bin%%'"
+            " AND query LIKE '/* edgecom buckets */%%'"
         ).fetchone()[0]
 
 
